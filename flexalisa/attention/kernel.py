@@ -1,0 +1,103 @@
+"""Partial attention that returns ``(out, lse)``, and the exact merge of partials.
+
+Attention over a token set S split into disjoint parts S1..Sm can be computed part by part
+and merged exactly (the associative online-softmax rule, as in FlashAttention / LeanAttention):
+
+    lse_i = log sum_{s in S_i} exp(q.k_s * scale)
+    out_i = sum_{s in S_i} softmax_i(s) v_s
+    lse   = logsumexp_i lse_i
+    out   = sum_i exp(lse_i - lse) out_i
+
+The runtime uses this to merge the GPU-tier partial with a partial computed on the CPU over
+CPU-tier tokens (FlexGen's CPU delegation, made exact). A part with no valid key for a row has
+``lse = -inf`` and ``out = 0`` and drops out of the merge.
+
+Grouped-query attention is handled without repeating K/V: the ``G = Hq / Hkv`` query heads that
+share one KV head are folded into the row dimension of one matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _fold_mask(mask: Tensor, batch: int, num_kv_heads: int) -> Tensor:
+    """Bring a boolean mask to (B, Hkv|1, 1, T, S) so it broadcasts over grouped scores."""
+    if mask.dim() == 3:  # (B, T, S): shared by all heads
+        return mask[:, None, None]
+    if mask.dim() == 4:  # (B, Hkv|1, T, S): per KV head
+        return mask[:, :, None]
+    raise ValueError(f"attention mask must be (B, T, S) or (B, Hkv, T, S), got {tuple(mask.shape)}")
+
+
+def partial_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention of ``q`` over the keys given, plus the log-sum-exp of the scores.
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0;
+    mask: bool, True = may attend, (B, T, S) or (B, Hkv, T, S); None = all keys.
+    Returns out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) in float32.
+    """
+    batch, num_heads, num_q, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    if num_keys == 0:
+        out = q.new_zeros(q.shape)
+        return out, torch.full((batch, num_heads, num_q), -math.inf, device=q.device)
+
+    qg = q.reshape(batch, num_kv_heads, group * num_q, head_dim)  # (B, Hkv, G*T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G*T, S)
+    scores = scores.view(batch, num_kv_heads, group, num_q, num_keys)  # (B, Hkv, G, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~_fold_mask(mask, batch, num_kv_heads), -math.inf)
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hkv, G, T, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(dim=-1, keepdim=True)  # (B, Hkv, G, T, 1)
+    lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf where a row had no key
+    probs = probs / denom.clamp_min(torch.finfo(probs.dtype).tiny)
+    probs = probs.view(batch, num_kv_heads, group * num_q, num_keys).to(v.dtype)
+    out = torch.matmul(probs, v)  # (B, Hkv, G*T, D)
+    out = out.view(batch, num_heads, num_q, head_dim)  # (B, Hq, T, D)
+    return out, lse.reshape(batch, num_heads, num_q)
+
+
+def attention_probs(
+    q: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """The softmax weights ``partial_attention`` uses, (B, Hq, T, S) float32.
+
+    Sparsity methods read these to score tokens; a fully masked row is all zeros.
+    """
+    batch, num_heads, num_q, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    qg = q.reshape(batch, num_kv_heads, group * num_q, head_dim)  # (B, Hkv, G*T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+    scores = scores.view(batch, num_kv_heads, group, num_q, num_keys)  # (B, Hkv, G, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~_fold_mask(mask, batch, num_kv_heads), -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs.view(batch, num_heads, num_q, num_keys)
+
+
+def merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Combine ``(out, lse)`` partials over disjoint key sets into the attention over their union."""
+    if not partials:
+        raise ValueError("merge needs at least one partial")
+    if len(partials) == 1:
+        return partials[0]
+    lses = torch.stack([lse for _, lse in partials])  # (P, B, H, T)
+    total = torch.logsumexp(lses, dim=0)  # (B, H, T)
+    safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    weights = torch.exp(lses - safe_total)  # (P, B, H, T); 0 for empty parts
+    out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, (o, _) in zip(weights, partials))
+    return out, total
