@@ -1,0 +1,48 @@
+"""The engine's KV cache: one contiguous (B, Hkv, S_max, D) K and V buffer per layer.
+
+Rows are left-padded to a common prompt length, so slot `s` holds the same step for every row and
+a decode step writes one column. `valid[b, s]` is False for padding. Finished rows can be dropped
+with `keep_rows`, which shrinks every buffer along the batch dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cost_model.spec import ModelSpec
+
+
+class KVCache:
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)  # (B, Hkv, S_max, D)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype)
+                       for _ in range(spec.num_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, S_max)
+        self.length = 0  # filled slots
+        self.max_len = max_len
+
+    def write(self, layer_idx: int, start: int, k: Tensor, v: Tensor,
+              rows: slice = slice(None)) -> None:
+        """Store k, v (b, Hkv, T, D) of `rows` at slots [start, start + T)."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: slot {end} > capacity {self.max_len}")
+        self.keys[layer_idx][rows, :, start:end] = k
+        self.values[layer_idx][rows, :, start:end] = v
+
+    def view(self, layer_idx: int, length: int) -> tuple[Tensor, Tensor]:
+        """K, V (B, Hkv, length, D) of the first `length` slots."""
+        return self.keys[layer_idx][:, :, :length], self.values[layer_idx][:, :, :length]
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Drop every row not listed in `rows` (a 1-D index tensor)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

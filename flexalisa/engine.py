@@ -1,0 +1,190 @@
+"""The all-on-device engine: batched greedy/sampled generation with a contiguous KV cache.
+
+This is the reference the offloading runtime is checked against. The loop is gpt-fast shaped:
+`prefill` fills the cache from left-padded prompts and returns the last position's logits, and
+`decode_step` feeds one token per row. Rows that finish (EOS or their own token limit) are dropped
+from the batch so that later steps do not compute them.
+
+Precision: fp32 on CPU (bf16/fp16 GEMMs are ~100x slower on AVX2), fp16 on CUDA by default.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flexalisa.attention.kernel import partial_attention
+from flexalisa.cache import KVCache
+from flexalisa.errors import FlexalisaError
+from flexalisa.models.family import family_of
+from flexalisa.models.weights import ModelWeights
+from flexalisa.sampling import SamplingParams, row_generators, sample
+
+PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlexalisaError("--device cuda requested but CUDA is not available (torch "
+                             f"{torch.__version__}, cuda build: {torch.version.cuda})")
+    if name not in ("cpu", "cuda"):
+        raise FlexalisaError(f"unknown device {name!r}; choose cpu or cuda")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, EOS included when it ended the row
+    finish_reasons: list[str]  # "stop" (EOS) or "length" (token limit or context end)
+    prefill_s: float  # wall time of the prefill
+    decode_s: float  # wall time of all decode steps
+    num_prompt_tokens: int  # real (unpadded) prompt tokens
+    padded_prompt_len: int  # T of the left-padded prompt batch
+    extras: dict = field(default_factory=dict)  # runner-specific counters
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts -> ids (B, T) and valid (B, T) bool, padded on the left."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[row, length - len(p):] = True
+    return ids, valid
+
+
+def positions_of(valid: Tensor) -> Tensor:
+    """Position ids (B, T): 0.. over real tokens, -1 on left padding (never attended)."""
+    return valid.long().cumsum(dim=1) - 1
+
+
+class Engine:
+    def __init__(self, weights: ModelWeights, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.spec = weights.spec
+        self.fam = family_of(self.spec)
+        needs_move = any(t.device != self.device
+                         or (t.is_floating_point() and t.dtype != self.dtype)
+                         for t in weights.globals.values())
+        self.weights = weights.to(self.device, self.dtype) if needs_move else weights
+
+    # ---- forward passes ------------------------------------------------------------------
+    def forward_logits(self, ids: Tensor, valid: Tensor) -> Tensor:
+        """Full-sequence logits (B, T, V) float32 for left-padded ids; no cache kept."""
+        cache = KVCache(self.spec, ids.shape[0], ids.shape[1], self.device, self.dtype)
+        return self._prefill_rows(cache, ids.to(self.device), valid.to(self.device),
+                                  slice(None), last_only=False)
+
+    def prefill(self, cache: KVCache, ids: Tensor, valid: Tensor) -> Tensor:
+        """Fill slots [0, T) of `cache`; returns the last position's logits (B, V)."""
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        batch, length = ids.shape
+        per_row = self.spec.num_heads * length * length * 4
+        chunk = max(1, PREFILL_SCORE_BYTES // per_row)
+        out = [self._prefill_rows(cache, ids[r:r + chunk], valid[r:r + chunk],
+                                  slice(r, r + chunk), last_only=True)
+               for r in range(0, batch, chunk)]
+        cache.valid[:, :length] = valid
+        cache.length = length
+        return torch.cat(out)[:, -1]
+
+    def _prefill_rows(self, cache: KVCache, ids: Tensor, valid: Tensor, rows: slice,
+                      last_only: bool) -> Tensor:
+        spec, fam, w = self.spec, self.fam, self.weights
+        length = ids.shape[1]
+        positions = positions_of(valid)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        mask = causal[None] & valid[:, None, :]  # (b, T, T)
+        x = fam.embed(spec, w.globals, ids, positions)  # (b, T, H)
+        for layer_idx, lw in enumerate(w.layers):
+            q, k, v = fam.qkv(spec, lw, x, positions)
+            cache.write(layer_idx, 0, k, v, rows)
+            attn, _ = partial_attention(q, k, v, mask)
+            x = fam.finish_layer(spec, lw, x, attn)
+        if last_only:
+            x = x[:, -1:]
+        return fam.logits(spec, w.globals, x)
+
+    def decode_step(self, cache: KVCache, ids: Tensor, positions: Tensor) -> Tensor:
+        """One new token per row: ids, positions (B,) -> logits (B, V)."""
+        spec, fam, w = self.spec, self.fam, self.weights
+        slot = cache.length
+        cache.valid[:, slot] = True
+        mask = cache.valid[:, None, :slot + 1]  # (B, 1, S)
+        pos = positions[:, None]  # (B, 1)
+        x = fam.embed(spec, w.globals, ids[:, None], pos)  # (B, 1, H)
+        for layer_idx, lw in enumerate(w.layers):
+            q, k, v = fam.qkv(spec, lw, x, pos)
+            cache.write(layer_idx, slot, k, v)
+            keys, values = cache.view(layer_idx, slot + 1)
+            attn, _ = partial_attention(q, keys, values, mask)
+            x = fam.finish_layer(spec, lw, x, attn)
+        cache.length = slot + 1
+        return fam.logits(spec, w.globals, x)[:, -1]
+
+    # ---- the generation loop ---------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
+                 sampling: SamplingParams | None = None, ignore_eos: bool = False,
+                 row_keys: list[str] | None = None) -> GenerationResult:
+        sampling = sampling or SamplingParams()
+        limits = _per_row(max_new_tokens, len(prompts))
+        ids, valid = left_pad(prompts, self.spec.pad_token_id or 0)
+        length = ids.shape[1]
+        limits = [min(n, self.spec.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
+        cache = KVCache(self.spec, len(prompts), length + max(limits), self.device, self.dtype)
+        gens = row_generators(sampling, row_keys or [str(i) for i in range(len(prompts))])
+        eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device)
+        out: list[list[int]] = [[] for _ in prompts]
+        reasons = ["length"] * len(prompts)
+        active = list(range(len(prompts)))  # original row of each cache row
+        positions = valid.sum(dim=1).to(self.device)  # next position per row
+
+        t0 = time.perf_counter()
+        logits = self.prefill(cache, ids, valid)
+        self._sync()
+        t1 = time.perf_counter()
+        while True:
+            next_ids = sample(logits, sampling, gens and [gens[r] for r in active])
+            is_eos = torch.isin(next_ids, eos).tolist()
+            keep = []
+            for local, (row, token) in enumerate(zip(active, next_ids.tolist())):
+                out[row].append(token)
+                if is_eos[local] and not ignore_eos:
+                    reasons[row] = "stop"
+                elif len(out[row]) < limits[row]:
+                    keep.append(local)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                rows = torch.tensor(keep, device=self.device)
+                cache.keep_rows(rows)
+                next_ids, positions = next_ids[rows], positions[rows]
+                active = [active[i] for i in keep]
+            logits = self.decode_step(cache, next_ids, positions)
+            positions = positions + 1
+        self._sync()
+        t2 = time.perf_counter()
+        return GenerationResult(out, reasons, t1 - t0, t2 - t1, int(valid.sum()), length)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _per_row(max_new_tokens: int | list[int], batch: int) -> list[int]:
+    limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != batch or any(n < 1 for n in limits):
+        raise ValueError(f"max_new_tokens must be >= 1 for each of {batch} prompts: {limits}")
+    return limits

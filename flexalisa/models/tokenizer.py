@@ -1,0 +1,79 @@
+"""Tokenizer from an HF `tokenizer.json` or from GGUF vocabulary metadata (`tokenizers` package).
+
+For GGUF files with a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`, as SmolLM2 and
+LLaMA-3 use) we build the same `tokenizers` pipeline that `transformers` builds for that file:
+ByteLevel pre-tokenizer (no prefix space) and decoder, BPE over the GGUF vocab and merges, control
+tokens as special added tokens, and no BOS prepended (transformers ignores GGUF's add_bos flag).
+SentencePiece (`llama`) GGUF vocabularies are not supported yet and raise ModelLoadError.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from flexalisa.errors import ModelLoadError
+
+CONTROL_TOKEN_TYPE = 3  # llama.cpp token type: control (special) token
+
+
+class Tokenizer:
+    """encode(text) -> ids and decode(ids) -> text, identical to HF's fast tokenizer."""
+
+    def __init__(self, backend: HFTokenizer) -> None:
+        self.backend = backend
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Tokenizer:
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+            raise ModelLoadError(f"{path}: cannot read tokenizer ({exc})") from None
+
+    @classmethod
+    def from_gguf_fields(cls, model: str, tokens: list[str], token_types: list[int],
+                         merges: list[str]) -> Tokenizer:
+        if model != "gpt2":
+            raise ModelLoadError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2)")
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                                         byte_fallback=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        specials = [AddedToken(t, special=True, normalized=False)
+                    for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
+        backend.add_special_tokens(specials)
+        return cls(backend)
+
+    def to_json(self) -> str:
+        return json.dumps(json.loads(self.backend.to_str()))
+
+
+def gguf_tokenizer_fields(reader) -> tuple[str, list[str], list[int], list[str]]:
+    """(model, tokens, token_types, merges) from an open GGUFReader."""
+    def array(key: str) -> list:
+        field = reader.fields.get(key)
+        return [] if field is None else list(field.contents())
+
+    model_field = reader.fields.get("tokenizer.ggml.model")
+    if model_field is None:
+        raise ModelLoadError("GGUF file has no tokenizer metadata")
+    return (model_field.contents(), array("tokenizer.ggml.tokens"),
+            array("tokenizer.ggml.token_type"), array("tokenizer.ggml.merges"))

@@ -1,0 +1,74 @@
+"""The real SmolLM2-135M GGUF: our loader, tokenizer and engine vs transformers on the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexalisa.engine import Engine, left_pad
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "Photosynthesis converts",
+]
+
+TEXTS = [
+    "Hello world", "hello  world", "  leading spaces", "trailing spaces   ",
+    "\ttabs\tand\nnewlines\n",
+    "", " ", "\n\n\n", "café crème brûlée", "naïve façade", "Ünïcödé ßtraße", "日本語のテキスト",
+    "中文字符测试", "한국어 문장", "Здравствуй, мир", "مرحبا بالعالم", "שלום עולם", "🙂😀🚀👍🏽",
+    "emoji in text 🎉 party", "e\u0301 combining accent", "zero\u200bwidth", "A" * 100,
+    "def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] = i; }",
+    "SELECT * FROM users WHERE id = 42;", "<div class=\"x\">hi</div>", "{\"json\": [1, 2, 3]}",
+    "x = [i for i in range(10) if i % 2]", "#include <stdio.h>", "$ pip install torch==2.13.0",
+    "3.14159 2.71828 1e-10 -0.0", "1234567890", "12,345.67 USD", "2026-11-23T15:12:46Z",
+    "https://example.com/path?q=1&r=2", "user@example.com", "CamelCaseIdentifier snake_case",
+    "ALL CAPS SENTENCE.", "Mixed.Punctuation!?;:", "quotes 'single' \"double\" `back`",
+    "<|im_start|>user\nHi<|im_end|>", "<|endoftext|>", "text<|im_end|>more", "a\r\nb\rc",
+    "It's don't won't y'all", "(parentheses) [brackets] {braces}", "~!@#$%^&*()_+",
+    "The quick brown fox jumps over the lazy dog.", "    indented code block",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
+]
+
+
+def test_fifty_varied_strings():
+    assert len(TEXTS) == 50
+
+
+def test_tokenizer_matches_hf_ids_and_round_trips(smollm, smollm_hf):
+    _, tok = smollm
+    _, hf_tok = smollm_hf
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=True).input_ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == text, text
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
+
+
+def test_greedy_32_tokens_match_hf_for_4_batched_prompts(smollm, smollm_hf):
+    weights, tok = smollm
+    hf_model, _ = smollm_hf
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1  # really ragged, so left padding is exercised
+    ours = Engine(weights).generate(prompts, 32, ignore_eos=True)
+    ids, valid = left_pad(prompts, pad_id=weights.spec.pad_token_id)
+    with torch.no_grad():
+        ref = hf_model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=32,
+                                do_sample=False, eos_token_id=None,
+                                pad_token_id=weights.spec.pad_token_id)
+    assert ours.tokens == ref[:, ids.shape[1]:].tolist()
+
+
+def test_logits_match_hf(smollm, smollm_hf):
+    weights, tok = smollm
+    hf_model, _ = smollm_hf
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    ids, valid = left_pad(prompts, pad_id=weights.spec.pad_token_id)
+    ours = Engine(weights).forward_logits(ids, valid)
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids, attention_mask=valid.long()).logits
+    assert (ours - ref).abs()[valid].max().item() <= 1e-3
