@@ -11,6 +11,7 @@ Precision: fp32 on CPU (bf16/fp16 GEMMs are ~100x slower on AVX2), fp16 on CUDA 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -137,7 +138,13 @@ class Engine:
     # ---- the generation loop ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingParams | None = None, ignore_eos: bool = False,
-                 row_keys: list[str] | None = None) -> GenerationResult:
+                 row_keys: list[str] | None = None,
+                 on_tokens: Callable[[int], None] | None = None) -> GenerationResult:
+        """Generate for left-padded `prompts` until EOS or each row's limit.
+
+        row_keys seed each row's sampler (see sampling.py); on_tokens(n) is called after every
+        step with the number of tokens just produced, for progress bars.
+        """
         sampling = sampling or SamplingParams()
         limits = _per_row(max_new_tokens, len(prompts))
         ids, valid = left_pad(prompts, self.spec.pad_token_id or 0)
@@ -158,6 +165,8 @@ class Engine:
         while True:
             next_ids = sample(logits, sampling, gens and [gens[r] for r in active])
             is_eos = torch.isin(next_ids, eos).tolist()
+            if on_tokens is not None:
+                on_tokens(len(active))
             keep = []
             for local, (row, token) in enumerate(zip(active, next_ids.tolist())):
                 out[row].append(token)

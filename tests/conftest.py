@@ -10,6 +10,10 @@ import torch
 
 from cost_model.spec import ModelSpec
 
+# Tests use tiny shapes, where a second OpenMP thread only adds spin-wait time, and on a busy
+# 2-core machine oversubscription makes every op ~20x slower. Benchmarks use all cores.
+torch.set_num_threads(1)
+
 TINY_CONFIGS = {
     # OPT with pre-LN (OPT-125m..66b style)
     "opt": dict(model_type="opt", vocab_size=320, hidden_size=64, num_hidden_layers=3,
@@ -84,3 +88,41 @@ def smollm_hf():
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model.eval()
     return model, tok
+
+
+def build_tiny_chat_model(out_dir: Path, hidden: int = 64, layers: int = 2) -> Path:
+    """A tiny random LLaMA plus a real byte-level BPE tokenizer.json trained on stdlib text,
+    so the full CLI path (tokenize -> generate -> decode) runs in well under a second."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(topics.values())[:200], trainer)
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden,
+                                   num_hidden_layers=layers, intermediate_size=2 * hidden,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=96, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("chat") / "model")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

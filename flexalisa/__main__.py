@@ -1,0 +1,5 @@
+import sys
+
+from flexalisa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""JSONL batch jobs: read and validate prompts, resume from an existing output, write results.
+
+Input lines:  {"id": <str|int>, "prompt": <str>, "max_new_tokens": <int, optional>}
+Output lines: {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
+
+Resume contract. Batches are a deterministic function of the whole input and the batch size
+(prompts sorted by token length, then chunked), never of what is already done. A batch is skipped
+when all its ids are in the output; otherwise the whole batch is recomputed, so its rows see the
+same batch-mates as in an uninterrupted run, and only the missing ids are appended. Each batch is
+appended with one write, then flushed and fsync'ed; a torn last line left by a kill is cut off
+before resuming. Lines are never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexalisa.errors import JobInputError
+
+OUTPUT_KEYS = ("id", "text", "prompt_tokens", "completion_tokens", "finish_reason")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str | int  # the caller's id, echoed unchanged
+    prompt: str  # raw text, tokenized without a chat template
+    max_new_tokens: int | None  # per-line limit; None = the job's --gen-len
+    line_no: int  # 1-based line in the input file, for error messages
+
+    @property
+    def key(self) -> str:
+        """Canonical id for set membership: 1 and "1" are different ids."""
+        return json.dumps(self.id)
+
+
+def _parse_line(text: str, line_no: int, path: Path) -> PromptRecord:
+    where = f"{path}:{line_no}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JobInputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise JobInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise JobInputError(f"{where}: missing \"id\"")
+    if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+        raise JobInputError(f"{where}: \"id\" must be a string or an integer")
+    if not isinstance(obj.get("prompt"), str):
+        raise JobInputError(f"{where}: missing or non-string \"prompt\"")
+    limit = obj.get("max_new_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise JobInputError(f"{where}: \"max_new_tokens\" must be an integer >= 1, got {limit!r}")
+    return PromptRecord(obj["id"], obj["prompt"], limit, line_no)
+
+
+def read_prompts(path: Path) -> list[PromptRecord]:
+    """All records of a prompts file; raises JobInputError on the first bad line."""
+    if not path.is_file():
+        raise JobInputError(f"input file {str(path)!r} does not exist")
+    records: list[PromptRecord] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        try:
+            for line_no, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                rec = _parse_line(text, line_no, path)
+                if rec.key in seen:
+                    raise JobInputError(f"{path}:{line_no}: duplicate id {rec.id!r} "
+                                        f"(first on line {seen[rec.key]})")
+                seen[rec.key] = line_no
+                records.append(rec)
+        except UnicodeDecodeError as exc:
+            raise JobInputError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not records:
+        raise JobInputError(f"{path}: no prompts")
+    return records
+
+
+def repair_and_read_done(path: Path) -> set[str]:
+    """Keys of ids already in an output file; a torn (unterminated) last line is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(len(complete))
+    done: set[str] = set()
+    for line_no, text in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            done.add(json.dumps(json.loads(text)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise JobInputError(f"{path}:{line_no}: existing output line is not a result; "
+                                "refusing to append to it") from None
+    return done
+
+
+def plan_batches(records: list[PromptRecord], lengths: list[int],
+                 batch_size: int) -> Iterator[list[int]]:
+    """Record indices per batch: sorted by token length (ties by input order), then chunked."""
+    if batch_size < 1:
+        raise JobInputError(f"--batch-size must be >= 1, got {batch_size}")
+    order = sorted(range(len(records)), key=lambda i: (lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def append_results(path: Path, rows: list[dict]) -> None:
+    """Append result lines with one write, then flush and fsync."""
+    blob = "".join(json.dumps({k: row[k] for k in OUTPUT_KEYS}, ensure_ascii=False) + "\n"
+                   for row in rows)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())

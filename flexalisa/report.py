@@ -1,0 +1,84 @@
+"""Run statistics with FlexGen's throughput definitions, and the report.json / report.md files.
+
+    prefill throughput = prompt tokens / prefill time
+    decode throughput  = (generated tokens - prompts) / decode time  (1st token is from prefill)
+    total throughput   = generated tokens / (prefill + decode time)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunStats:
+    num_prompts: int = 0  # prompts generated in this run (skipped ones excluded)
+    prompt_tokens: int = 0  # real prompt tokens prefilled
+    generated_tokens: int = 0  # tokens produced, EOS included
+    prefill_s: float = 0.0  # summed prefill wall time
+    decode_s: float = 0.0  # summed decode wall time
+    extras: dict = field(default_factory=dict)  # runner-specific counters and settings
+
+    def add(self, num_prompts: int, prompt_tokens: int, generated: int, prefill_s: float,
+            decode_s: float) -> None:
+        self.num_prompts += num_prompts
+        self.prompt_tokens += prompt_tokens
+        self.generated_tokens += generated
+        self.prefill_s += prefill_s
+        self.decode_s += decode_s
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.generated_tokens - self.num_prompts
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def total_tok_s(self) -> float:
+        elapsed = self.prefill_s + self.decode_s
+        return self.generated_tokens / elapsed if elapsed else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(prefill_tok_s=self.prefill_tok_s, decode_tok_s=self.decode_tok_s,
+                 total_tok_s=self.total_tok_s)
+        return d
+
+    def summary_line(self) -> str:
+        return (f"{self.num_prompts} prompts, {self.prompt_tokens} prompt + "
+                f"{self.generated_tokens} generated tokens in "
+                f"{self.prefill_s + self.decode_s:.2f} s | throughput tok/s: "
+                f"prefill {self.prefill_tok_s:.1f}, decode {self.decode_tok_s:.1f}, "
+                f"total {self.total_tok_s:.1f}")
+
+
+def write_report(out_dir: Path, report: dict) -> tuple[Path, Path]:
+    """report.json plus a human-readable report.md in out_dir."""
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+def render_markdown(report: dict) -> str:
+    stats = report.get("stats", {})
+    lines = ["# flexalisa run report", ""]
+    for key in ("model", "device", "command"):
+        if key in report:
+            lines.append(f"- **{key}**: `{report[key]}`")
+    lines += ["", "| metric | value |", "|---|---|"]
+    for key in ("num_prompts", "prompt_tokens", "generated_tokens", "prefill_s", "decode_s",
+                "prefill_tok_s", "decode_tok_s", "total_tok_s"):
+        if key in stats:
+            value = stats[key]
+            lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float)
+                         else f"| {key} | {value} |")
+    for section, body in report.items():
+        if isinstance(body, dict) and section != "stats":
+            lines += ["", f"## {section}", "", "```json", json.dumps(body, indent=2), "```"]
+    return "\n".join(lines) + "\n"
