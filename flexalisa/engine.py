@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from flexalisa.attention.kernel import partial_attention
 from flexalisa.cache import KVCache
 from flexalisa.errors import FlexalisaError
 from flexalisa.models.family import family_of
@@ -25,6 +25,16 @@ from flexalisa.models.weights import ModelWeights
 from flexalisa.sampling import SamplingParams, row_generators, sample
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Exact attention through torch's fused SDPA (no scores materialised), GQA included.
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (B, T, S) bool with no fully masked row.
+    Used where no attention weights or log-sum-exp are needed (dense prefill and decode).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,11 +118,14 @@ class Engine:
         positions = positions_of(valid)
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         mask = causal[None] & valid[:, None, :]  # (b, T, T)
+        # a padding query sees only itself, so no row is fully masked (its output is unused)
+        mask = mask | torch.eye(length, dtype=torch.bool, device=self.device)[None]
         x = fam.embed(spec, w.globals, ids, positions)  # (b, T, H)
+        pos = fam.prepare_positions(spec, positions, self.dtype)
         for layer_idx, lw in enumerate(w.layers):
-            q, k, v = fam.qkv(spec, lw, x, positions)
+            q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, 0, k, v, rows)
-            attn, _ = partial_attention(q, k, v, mask)
+            attn = dense_attention(q, k, v, mask)
             x = fam.finish_layer(spec, lw, x, attn)
         if last_only:
             x = x[:, -1:]
@@ -124,13 +137,13 @@ class Engine:
         slot = cache.length
         cache.valid[:, slot] = True
         mask = cache.valid[:, None, :slot + 1]  # (B, 1, S)
-        pos = positions[:, None]  # (B, 1)
-        x = fam.embed(spec, w.globals, ids[:, None], pos)  # (B, 1, H)
+        x = fam.embed(spec, w.globals, ids[:, None], positions[:, None])  # (B, 1, H)
+        pos = fam.prepare_positions(spec, positions[:, None], self.dtype)
         for layer_idx, lw in enumerate(w.layers):
             q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, slot, k, v)
             keys, values = cache.view(layer_idx, slot + 1)
-            attn, _ = partial_attention(q, keys, values, mask)
+            attn = dense_attention(q, keys, values, mask)
             x = fam.finish_layer(spec, lw, x, attn)
         cache.length = slot + 1
         return fam.logits(spec, w.globals, x)[:, -1]

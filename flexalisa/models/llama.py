@@ -5,6 +5,8 @@ Matches `transformers.LlamaForCausalLM` (rotate-half RoPE convention, default ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,6 +31,17 @@ def rope_cos_sin(spec: ModelSpec, positions: Tensor, dtype: torch.dtype) -> tupl
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@dataclass(frozen=True)
+class Rope:
+    cos: Tensor  # (B, 1, T, D)
+    sin: Tensor  # (B, 1, T, D)
+
+
+def prepare_positions(spec: ModelSpec, positions: Tensor, dtype: torch.dtype) -> Rope:
+    """Computed once per forward pass and shared by every layer."""
+    return Rope(*rope_cos_sin(spec, positions, dtype))
+
+
 def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = t.shape[-1] // 2
     rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
@@ -44,24 +57,22 @@ def _split_heads(t: Tensor, num_heads: int, head_dim: int) -> Tensor:
     return t.view(batch, length, num_heads, head_dim).transpose(1, 2)  # (B, nh, T, hd)
 
 
-def qkv(spec: ModelSpec, w: LayerWeights, x: Tensor, positions: Tensor
+def qkv(spec: ModelSpec, w: LayerWeights, x: Tensor, rope: Rope
         ) -> tuple[Tensor, Tensor, Tensor]:
     """Layer input (B, T, H) -> q (B, Hq, T, D), k and v (B, Hkv, T, D), RoPE applied."""
     h = rms_norm(x, w["attn_norm_w"], spec.norm_eps)
     q, k, v = F.linear(h, w["wqkv"]).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
-    cos, sin = rope_cos_sin(spec, positions, x.dtype)
-    q = apply_rope(_split_heads(q, spec.num_heads, spec.head_dim), cos, sin)
-    k = apply_rope(_split_heads(k, spec.num_kv_heads, spec.head_dim), cos, sin)
+    q = apply_rope(_split_heads(q, spec.num_heads, spec.head_dim), rope.cos, rope.sin)
+    k = apply_rope(_split_heads(k, spec.num_kv_heads, spec.head_dim), rope.cos, rope.sin)
     return q, k, _split_heads(v, spec.num_kv_heads, spec.head_dim)
 
 
-def kv_from_hidden(spec: ModelSpec, w: LayerWeights, x: Tensor, positions: Tensor
+def kv_from_hidden(spec: ModelSpec, w: LayerWeights, x: Tensor, rope: Rope
                    ) -> tuple[Tensor, Tensor]:
-    """Recompute K (RoPE at `positions`), V (B, Hkv, T, D) from stored layer inputs (B, T, H)."""
+    """Recompute K (RoPE'd at the tokens' positions), V (B, Hkv, T, D) from layer inputs."""
     h = rms_norm(x, w["attn_norm_w"], spec.norm_eps)
     k, v = F.linear(h, w["wqkv"][spec.q_dim:]).split([spec.kv_dim, spec.kv_dim], dim=-1)
-    cos, sin = rope_cos_sin(spec, positions, x.dtype)
-    k = apply_rope(_split_heads(k, spec.num_kv_heads, spec.head_dim), cos, sin)
+    k = apply_rope(_split_heads(k, spec.num_kv_heads, spec.head_dim), rope.cos, rope.sin)
     return k, _split_heads(v, spec.num_kv_heads, spec.head_dim)
 
 

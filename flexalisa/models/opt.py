@@ -6,6 +6,7 @@ biases on every linear except the embedding projections and the tied lm_head.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,6 +22,11 @@ def embed(spec: ModelSpec, g: dict[str, Tensor], ids: Tensor, positions: Tensor)
     if "project_in" in g:
         x = F.linear(x, g["project_in"])  # (B, T, H)
     return x + F.embedding(positions.clamp_min(-1) + POSITION_OFFSET, g["pos_embed"])
+
+
+def prepare_positions(spec: ModelSpec, positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """OPT's attention does not use positions; they only enter through `embed`."""
+    return positions
 
 
 def _split_heads(t: Tensor, num_heads: int, head_dim: int) -> Tensor:
