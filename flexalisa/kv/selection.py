@@ -1,0 +1,221 @@
+"""Reading a selection out of a tiered store: fetch (``load_kv``) and gather (``compute``).
+
+A selection is a tensor of slot indices, (B, K) or (B, 1, K) shared by the KV heads, or
+(B, Hkv, K) per KV head; values in [0, n), duplicates allowed.
+Each selected entry is read from the tier holding its slot::
+
+    GPU tier        → read in place on the device
+    CPU tier        → only the selected entries are copied host→device (as stored: INT8/INT4
+                      codes stay compressed in transit) and decoded on the device; or, for
+                      CPU-delegated attention, ``cpu_selected`` returns them on the host
+    recompute tier  → the distinct selected slots of each row have their hidden states copied
+                      host→device; ``recompute_kv(hidden (B, R, hidden), slots (B, R))`` rebuilds
+                      K,V (B, Hkv, R, D) on the device (the caller's K/V projection + RoPE; it
+                      maps slot indices to RoPE positions, e.g. subtracting each row's left pad)
+
+``fetch`` does only the copies, so the runner can issue it ahead on a copy stream or thread;
+``gather`` needs the layer's weights (for recomputation) and runs at compute time. The per-row
+recompute slots are padded to a common R by repeating a row's last slot (or slot 0 for a row
+with none); padding is recomputed but not counted in ``tokens_recomputed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from flexalisa.schedule import Tier
+
+if TYPE_CHECKING:  # store.py imports this module for its methods
+    from flexalisa.kv.store import TieredKVStore
+
+RecomputeFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class TierMasks:
+    """Which tier each selected entry lives in; bool (B, Hkv, K) each, disjoint, covering all."""
+
+    gpu: Tensor  # read in place on the device
+    cpu: Tensor  # fetched (or attended on the host)
+    recompute: Tensor  # rebuilt from the hidden state
+
+
+@dataclass(frozen=True)
+class FetchedKV:
+    """What ``load_kv`` brought to the device for one selection of one store."""
+
+    indices: Tensor  # (B, Hkv, K) int64 slot indices, on the device
+    masks: TierMasks  # on the device
+    cpu_k: list[Tensor]  # stored parts of the m selected CPU-tier K entries, each (m, ·)
+    cpu_v: list[Tensor]  # same for V; empty lists when skipped or none selected
+    num_cpu_entries: int  # m: selected (row, head, slot) entries in the CPU tier
+    cpu_skipped: bool  # True: fetched with skip_cpu, CPU-tier entries left on the host
+    recompute_slots: Tensor  # (B, R) int64 distinct recompute-tier slots of each row, padded
+    recompute_hidden: Tensor  # (B, R, hidden) their layer inputs, on the device
+    num_recompute: int  # distinct (row, slot) pairs among recompute_slots, padding excluded
+    version: int  # store.version at fetch time; any later move makes this stale
+
+
+def _expand(store: TieredKVStore, indices: Tensor) -> Tensor:
+    """(B, K), (B, 1, K) or (B, Hkv, K) → (B, Hkv, K) int64 on the host, range-checked."""
+    cfg = store.config
+    if indices.dim() == 2:
+        indices = indices[:, None]  # (B, 1, K)
+    if indices.dim() == 3 and indices.shape[1] == 1:
+        indices = indices.expand(-1, cfg.num_kv_heads, -1)  # (B, Hkv, K)
+    if indices.dim() != 3 or indices.shape[:2] != (cfg.batch_size, cfg.num_kv_heads):
+        raise ValueError(f"indices must be (B, K) or (B, Hkv, K) with B={cfg.batch_size}, "
+                         f"Hkv={cfg.num_kv_heads}; got {tuple(indices.shape)}")
+    idx = indices.to("cpu", torch.int64)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= store.num_tokens):
+        raise ValueError(f"selected slots must lie in [0, {store.num_tokens}), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+def _masks(store: TieredKVStore, idx: Tensor) -> TierMasks:
+    recompute_end, cpu_end = store.ranges[Tier.RECOMPUTE].end, store.ranges[Tier.CPU].end
+    recompute, gpu = idx < recompute_end, idx >= cpu_end
+    return TierMasks(gpu=gpu, cpu=~(recompute | gpu), recompute=recompute)
+
+
+def tier_masks(store: TieredKVStore, indices: Tensor) -> TierMasks:
+    """The tier of each selected entry, on ``indices``'s device."""
+    masks = _masks(store, _expand(store, indices))
+    return TierMasks(*(m.to(indices.device) for m in (masks.gpu, masks.cpu, masks.recompute)))
+
+
+def _to_device(store: TieredKVStore, parts: list[Tensor]) -> list[Tensor]:
+    pin = torch.cuda.is_available() and store.device.type == "cuda"
+    return [(p.pin_memory() if pin else p).to(store.device, non_blocking=pin) for p in parts]
+
+
+def _recompute_slots(idx: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """Distinct selected slots of each row (B, R), padded by repeating; and the real count."""
+    rows = [torch.unique(idx[b][mask[b]]) for b in range(idx.shape[0])]  # each sorted
+    width = max((len(r) for r in rows), default=0)
+    slots = torch.zeros(idx.shape[0], width, dtype=torch.int64)
+    for b, row in enumerate(rows):
+        if len(row):
+            slots[b, : len(row)] = row
+            slots[b, len(row):] = row[-1]
+    return slots, sum(len(r) for r in rows)
+
+
+def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False) -> FetchedKV:
+    """Copy the selection's CPU-tier entries and recompute hidden states to the device.
+
+    ``skip_cpu``: leave CPU-tier entries on the host (the runner attends them there).
+    """
+    idx = _expand(store, indices)
+    masks = _masks(store, idx)
+    cpu_k: list[Tensor] = []
+    cpu_v: list[Tensor] = []
+    num_cpu_entries = int(masks.cpu.sum())
+    if not skip_cpu and num_cpu_entries:
+        batch_idx, head_idx, _ = masks.cpu.nonzero(as_tuple=True)
+        slots = idx[masks.cpu]  # (m,)
+        k_parts, v_parts = store.cpu.gather_entries(batch_idx, head_idx, slots)
+        cpu_k, cpu_v = _to_device(store, k_parts), _to_device(store, v_parts)
+        store.counters.h2d_bytes += sum(p.numel() * p.element_size() for p in k_parts + v_parts)
+        store.counters.tokens_fetched += int(torch.unique(batch_idx * store.num_tokens
+                                                          + slots).numel())
+    slots, num_recompute = _recompute_slots(idx, masks.recompute)  # (B, R)
+    hidden = store.hidden.hidden[torch.arange(idx.shape[0])[:, None], slots]  # (B, R, hidden)
+    if num_recompute:
+        store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
+    device_masks = TierMasks(*_to_device(store, [masks.gpu, masks.cpu, masks.recompute]))
+    return FetchedKV(indices=idx.to(store.device), masks=device_masks, cpu_k=cpu_k, cpu_v=cpu_v,
+                     num_cpu_entries=num_cpu_entries, cpu_skipped=skip_cpu,
+                     recompute_slots=slots.to(store.device),
+                     recompute_hidden=_to_device(store, [hidden])[0],
+                     num_recompute=num_recompute, version=store.version)
+
+
+def _scatter(mask: Tensor, values: Tensor, like: Tensor) -> Tensor:
+    """A zero tensor like ``like`` (B, Hkv, K, D) with ``values`` (m, D) at ``mask``'s entries."""
+    out = torch.zeros_like(like)
+    return out.masked_scatter_(mask[..., None], values.to(out.dtype)) if values.numel() else out
+
+
+def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: RecomputeFn,
+               like: Tensor) -> tuple[Tensor, Tensor]:
+    slots = fetched.recompute_slots  # (B, R)
+    k_new, v_new = recompute_kv(fetched.recompute_hidden, slots)
+    cfg = store.config
+    expected = (cfg.batch_size, cfg.num_kv_heads, slots.shape[1], cfg.head_dim)
+    if tuple(k_new.shape) != expected or tuple(v_new.shape) != expected:
+        raise ValueError(f"recompute_kv must return K, V of shape {expected}, got "
+                         f"{tuple(k_new.shape)}, {tuple(v_new.shape)}")
+    idx = fetched.indices
+    batch, heads, num_sel = idx.shape
+    column = torch.searchsorted(slots, idx.reshape(batch, heads * num_sel))  # (B, Hkv*K)
+    column = column.clamp_(max=slots.shape[1] - 1).view(batch, heads, num_sel, 1)
+    column = column.expand(-1, -1, -1, cfg.head_dim)  # (B, Hkv, K, D)
+    store.counters.tokens_recomputed += fetched.num_recompute
+    return (torch.gather(k_new.to(like.dtype), 2, column),
+            torch.gather(v_new.to(like.dtype), 2, column))
+
+
+def _check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
+                   skip_cpu: bool) -> None:
+    if fetched.version != store.version:
+        raise ValueError(f"stale fetch: made at store version {fetched.version}, tokens have "
+                         f"moved since (version {store.version})")
+    shape = fetched.indices.shape
+    if indices.shape[0] != shape[0] or indices.shape[-1] != shape[-1]:
+        raise ValueError(f"fetch was made for indices of shape {tuple(shape)}, not "
+                         f"{tuple(indices.shape)}")
+    if fetched.cpu_skipped and fetched.num_cpu_entries and not skip_cpu:
+        raise ValueError("the fetch skipped CPU-tier entries (skip_cpu); gather with "
+                         "skip_cpu=True or fetch them")
+
+
+def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | None,
+           fetched: FetchedKV | None = None, skip_cpu: bool = False) -> tuple[Tensor, Tensor]:
+    """K, V (B, Hkv, K, D) of the selection on the device; CPU entries zero when ``skip_cpu``.
+
+    ``fetched``: the result of an earlier ``fetch`` of the same indices (from ``load_kv``);
+    None fetches now. ``recompute_kv`` may be None only if no recompute-tier slot is selected.
+    """
+    if fetched is None:
+        fetched = fetch(store, indices, skip_cpu)
+    else:
+        _check_fetched(store, indices, fetched, skip_cpu)
+    idx, masks = fetched.indices, fetched.masks
+    k_gpu, v_gpu = store.gpu.gather_slots(idx)  # (B, Hkv, K, D); only GPU entries are meaningful
+    use_cpu = bool(fetched.cpu_k) and not skip_cpu
+    none = k_gpu.new_zeros(0)
+    k_out = _scatter(masks.cpu, store.cpu.decode(fetched.cpu_k) if use_cpu else none, k_gpu)
+    v_out = _scatter(masks.cpu, store.cpu.decode(fetched.cpu_v) if use_cpu else none, v_gpu)
+    if fetched.num_recompute:
+        if recompute_kv is None:
+            raise ValueError("recompute-tier slots are selected but no recompute_kv was given")
+        k_rec, v_rec = _recompute(store, fetched, recompute_kv, k_gpu)
+        k_out = torch.where(masks.recompute[..., None], k_rec, k_out)
+        v_out = torch.where(masks.recompute[..., None], v_rec, v_out)
+    gpu = masks.gpu[..., None]
+    return torch.where(gpu, k_gpu, k_out), torch.where(gpu, v_gpu, v_out)
+
+
+def cpu_selected(store: TieredKVStore, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The selection's CPU-tier K, V on the host, for CPU-delegated attention; nothing moves.
+
+    Returns k, v (B, Hkv, K, D) in the store dtype (zero where the entry is not in the CPU
+    tier) and the bool mask (B, Hkv, K) of CPU-tier entries, all on the host.
+    """
+    idx = _expand(store, indices)
+    mask = _masks(store, idx).cpu
+    cfg = store.config
+    like = torch.zeros(*idx.shape, cfg.head_dim, dtype=cfg.dtype)  # (B, Hkv, K, D)
+    if not bool(mask.any()):
+        return like, like.clone(), mask
+    batch_idx, head_idx, _ = mask.nonzero(as_tuple=True)
+    k_parts, v_parts = store.cpu.gather_entries(batch_idx, head_idx, idx[mask])
+    return (_scatter(mask, store.cpu.decode(k_parts), like),
+            _scatter(mask, store.cpu.decode(v_parts), like), mask)
