@@ -18,6 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexalisa.attention import (
+    MethodState,
+    SparsityMethod,
+    attention_probs,
+    gather_kv,
+    partial_attention_probs,
+)
 from flexalisa.cache import KVCache
 from flexalisa.errors import FlexalisaError
 from flexalisa.models.family import family_of
@@ -80,8 +87,15 @@ def positions_of(valid: Tensor) -> Tensor:
 
 
 class Engine:
+    """All weights and KV on one device; optional KV sparsity `method` (flexalisa.attention).
+
+    With a method, each decode step attends only to the slots `method.select` returns (gathered
+    from the full cache, which is kept whole) and feeds the step's softmax back via `observe`.
+    """
+
     def __init__(self, weights: ModelWeights, device: str = "cpu",
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, method: SparsityMethod | None = None) -> None:
+        self.method = None if method is None or method.name == "dense" else method
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.spec = weights.spec
@@ -93,26 +107,36 @@ class Engine:
 
     # ---- forward passes ------------------------------------------------------------------
     def forward_logits(self, ids: Tensor, valid: Tensor) -> Tensor:
-        """Full-sequence logits (B, T, V) float32 for left-padded ids; no cache kept."""
+        """Full-sequence dense logits (B, T, V) float32 for left-padded ids; no cache kept."""
         cache = KVCache(self.spec, ids.shape[0], ids.shape[1], self.device, self.dtype)
         return self._prefill_rows(cache, ids.to(self.device), valid.to(self.device),
                                   slice(None), last_only=False)
 
-    def prefill(self, cache: KVCache, ids: Tensor, valid: Tensor) -> Tensor:
-        """Fill slots [0, T) of `cache`; returns the last position's logits (B, V)."""
+    def new_method_state(self, batch: int, max_len: int) -> MethodState | None:
+        if self.method is None:
+            return None
+        return self.method.init_state(batch, self.spec.num_layers, self.spec.num_kv_heads,
+                                      max_len, self.device)
+
+    def prefill(self, cache: KVCache, ids: Tensor, valid: Tensor,
+                state: MethodState | None = None) -> Tensor:
+        """Fill slots [0, T) of `cache`; returns the last position's logits (B, V).
+
+        With a scoring method, the prompt's attention weights seed `state` (all rows at once).
+        """
         ids, valid = ids.to(self.device), valid.to(self.device)
         batch, length = ids.shape
         per_row = self.spec.num_heads * length * length * 4
-        chunk = max(1, PREFILL_SCORE_BYTES // per_row)
+        chunk = max(1, PREFILL_SCORE_BYTES // per_row) if state is None else batch
         out = [self._prefill_rows(cache, ids[r:r + chunk], valid[r:r + chunk],
-                                  slice(r, r + chunk), last_only=True)
+                                  slice(r, r + chunk), last_only=True, state=state)
                for r in range(0, batch, chunk)]
         cache.valid[:, :length] = valid
         cache.length = length
         return torch.cat(out)[:, -1]
 
     def _prefill_rows(self, cache: KVCache, ids: Tensor, valid: Tensor, rows: slice,
-                      last_only: bool) -> Tensor:
+                      last_only: bool, state: MethodState | None = None) -> Tensor:
         spec, fam, w = self.spec, self.fam, self.weights
         length = ids.shape[1]
         positions = positions_of(valid)
@@ -126,12 +150,16 @@ class Engine:
             q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, 0, k, v, rows)
             attn = dense_attention(q, k, v, mask)
+            if state is not None and self.method.needs_scores:
+                probs = attention_probs(q, k, mask)  # (B, Hq, T, T)
+                self.method.observe_prefill(state, layer_idx, probs, valid)
             x = fam.finish_layer(spec, lw, x, attn)
         if last_only:
             x = x[:, -1:]
         return fam.logits(spec, w.globals, x)
 
-    def decode_step(self, cache: KVCache, ids: Tensor, positions: Tensor) -> Tensor:
+    def decode_step(self, cache: KVCache, ids: Tensor, positions: Tensor,
+                    state: MethodState | None = None) -> Tensor:
         """One new token per row: ids, positions (B,) -> logits (B, V)."""
         spec, fam, w = self.spec, self.fam, self.weights
         slot = cache.length
@@ -143,10 +171,26 @@ class Engine:
             q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, slot, k, v)
             keys, values = cache.view(layer_idx, slot + 1)
-            attn = dense_attention(q, keys, values, mask)
+            if state is None:
+                attn = dense_attention(q, keys, values, mask)
+            else:
+                attn = self._sparse_attention(state, layer_idx, q, keys, values,
+                                              cache.valid[:, :slot + 1])
             x = fam.finish_layer(spec, lw, x, attn)
         cache.length = slot + 1
         return fam.logits(spec, w.globals, x)[:, -1]
+
+    def _sparse_attention(self, state: MethodState, layer_idx: int, q: Tensor, keys: Tensor,
+                          values: Tensor, valid: Tensor) -> Tensor:
+        """Attend over the method's selection only; K, V outside it are never read."""
+        sel = self.method.select(state, layer_idx, valid)
+        if sel is None:
+            return dense_attention(q, keys, values, valid[:, None])
+        k_sel, v_sel = gather_kv(keys, values, sel.indices)  # (B, Hkv, K, D)
+        attn, _, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
+        if self.method.needs_scores:
+            self.method.observe(state, layer_idx, probs, sel)
+        return attn
 
     # ---- the generation loop ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
@@ -164,6 +208,7 @@ class Engine:
         length = ids.shape[1]
         limits = [min(n, self.spec.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
         cache = KVCache(self.spec, len(prompts), length + max(limits), self.device, self.dtype)
+        state = self.new_method_state(len(prompts), cache.max_len)
         gens = row_generators(sampling, row_keys or [str(i) for i in range(len(prompts))])
         eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device)
         out: list[list[int]] = [[] for _ in prompts]
@@ -172,7 +217,7 @@ class Engine:
         positions = valid.sum(dim=1).to(self.device)  # next position per row
 
         t0 = time.perf_counter()
-        logits = self.prefill(cache, ids, valid)
+        logits = self.prefill(cache, ids, valid, state)
         self._sync()
         t1 = time.perf_counter()
         while True:
@@ -189,12 +234,12 @@ class Engine:
                     keep.append(local)
             if not keep:
                 break
-            if len(keep) < len(active):
+            if len(keep) < len(active) and state is None:  # method state keeps every row
                 rows = torch.tensor(keep, device=self.device)
                 cache.keep_rows(rows)
                 next_ids, positions = next_ids[rows], positions[rows]
                 active = [active[i] for i in keep]
-            logits = self.decode_step(cache, next_ids, positions)
+            logits = self.decode_step(cache, next_ids, positions, state)
             positions = positions + 1
         self._sync()
         t2 = time.perf_counter()

@@ -1,5 +1,24 @@
 """Attention kernels and KV sparsity methods (which past tokens each step attends to)."""
 
-from flexalisa.attention.kernel import attention_probs, merge, partial_attention
+from flexalisa.attention.kernel import (
+    attention_probs,
+    gather_kv,
+    merge,
+    partial_attention,
+    partial_attention_probs,
+)
+from flexalisa.attention.methods import METHODS, MethodState, SparsityMethod, make_method
+from flexalisa.attention.selection import Selection
 
-__all__ = ["attention_probs", "merge", "partial_attention"]
+__all__ = [
+    "METHODS",
+    "MethodState",
+    "Selection",
+    "SparsityMethod",
+    "attention_probs",
+    "gather_kv",
+    "make_method",
+    "merge",
+    "partial_attention",
+    "partial_attention_probs",
+]

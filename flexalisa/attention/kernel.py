@@ -39,8 +39,20 @@ def partial_attention(
     """Softmax attention of ``q`` over the keys given, plus the log-sum-exp of the scores.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0;
-    mask: bool, True = may attend, (B, T, S) or (B, Hkv, T, S); None = all keys.
+    mask: bool, True = may attend, (B, T, S) or (B, Hkv|1, T, S); None = all keys.
     Returns out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) in float32.
+    """
+    out, lse, _ = partial_attention_probs(q, k, v, mask, scale)
+    return out, lse
+
+
+def partial_attention_probs(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``partial_attention`` that also returns its softmax weights, (B, Hq, T, S) float32.
+
+    Sparsity methods score tokens from these weights; returning them here saves a second QK
+    matmul per decode step. A row with no valid key has all-zero weights.
     """
     batch, num_heads, num_q, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
@@ -50,7 +62,8 @@ def partial_attention(
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     if num_keys == 0:
         out = q.new_zeros(q.shape)
-        return out, torch.full((batch, num_heads, num_q), -math.inf, device=q.device)
+        lse = torch.full((batch, num_heads, num_q), -math.inf, device=q.device)
+        return out, lse, torch.zeros(batch, num_heads, num_q, 0, device=q.device)
 
     qg = q.reshape(batch, num_kv_heads, group * num_q, head_dim)  # (B, Hkv, G*T, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G*T, S)
@@ -63,10 +76,30 @@ def partial_attention(
     denom = probs.sum(dim=-1, keepdim=True)  # (B, Hkv, G, T, 1)
     lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf where a row had no key
     probs = probs / denom.clamp_min(torch.finfo(probs.dtype).tiny)
-    probs = probs.view(batch, num_kv_heads, group * num_q, num_keys).to(v.dtype)
-    out = torch.matmul(probs, v)  # (B, Hkv, G*T, D)
+    probs = probs.view(batch, num_kv_heads, group * num_q, num_keys)  # (B, Hkv, G*T, S)
+    out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G*T, D)
     out = out.view(batch, num_heads, num_q, head_dim)  # (B, Hq, T, D)
-    return out, lse.reshape(batch, num_heads, num_q)
+    probs = probs.view(batch, num_heads, num_q, num_keys)  # (B, Hq, T, S)
+    return out, lse.reshape(batch, num_heads, num_q), probs
+
+
+def gather_kv(k: Tensor, v: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather the selected token slots of K and V.
+
+    k, v: (B, Hkv, S, D); indices: long (B, K) per sequence, or (B, Hsel, K) with Hsel in
+    {1, Hkv} (one selection shared by the KV heads, or one per KV head).
+    Returns k_sel, v_sel: (B, Hkv, K, D). Reads only the selected rows (no expanded index).
+    """
+    batch, num_kv_heads = k.shape[0], k.shape[1]
+    if indices.dim() == 2:
+        indices = indices[:, None]  # (B, 1, K)
+    if indices.dim() != 3 or indices.shape[1] not in (1, num_kv_heads):
+        raise ValueError(
+            f"indices must be (B, K) or (B, 1|{num_kv_heads}, K), got {tuple(indices.shape)}"
+        )
+    batch_idx = torch.arange(batch, device=k.device)[:, None, None]  # (B, 1, 1)
+    head_idx = torch.arange(num_kv_heads, device=k.device)[None, :, None]  # (1, Hkv, 1)
+    return k[batch_idx, head_idx, indices], v[batch_idx, head_idx, indices]  # (B, Hkv, K, D)
 
 
 def attention_probs(
@@ -90,7 +123,7 @@ def attention_probs(
 
 
 def merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Combine ``(out, lse)`` partials over disjoint key sets into the attention over their union."""
+    """Combine ``(out, lse)`` partials over disjoint key sets into attention over their union."""
     if not partials:
         raise ValueError("merge needs at least one partial")
     if len(partials) == 1:
@@ -99,5 +132,5 @@ def merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     total = torch.logsumexp(lses, dim=0)  # (B, H, T)
     safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
     weights = torch.exp(lses - safe_total)  # (P, B, H, T); 0 for empty parts
-    out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, (o, _) in zip(weights, partials))
+    out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, (o, _) in zip(weights, partials, strict=True))
     return out, total

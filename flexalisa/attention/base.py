@@ -1,0 +1,73 @@
+"""The sparsity-method interface and its per-run state; the contract is in ``methods.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cached_property
+from typing import ClassVar
+
+from torch import Tensor
+
+from flexalisa.attention.budget import caching_ratio, split_budget, valid_positions
+from flexalisa.attention.scores import CumulativeScores, Device, WindowScores
+from flexalisa.attention.selection import Selection, mask_to_selection
+
+
+@dataclass
+class MethodState:
+    """Per-run method state: one score record per layer (None for methods without scores)."""
+
+    layers: list[WindowScores | CumulativeScores | None]  # indexed by layer_idx
+    num_groups: int  # Hsel: 1, or Hkv with per_kv_head
+
+
+@dataclass(frozen=True)
+class SparsityMethod:
+    """Base class: the budget, validation and the no-score defaults."""
+
+    sparsity: float  # KV sparsity s in [0, 1): share of cached tokens a step does not read
+    per_kv_head: bool = False  # score and select per KV head (score-based methods only)
+    name: ClassVar[str] = ""  # registry name used by ``make_method``
+
+    def __post_init__(self) -> None:
+        caching_ratio(self.sparsity)  # raises ValueError outside [0, 1)
+
+    @cached_property
+    def ratio(self) -> Fraction:
+        """Caching ratio r = 1 - s, exact."""
+        return caching_ratio(self.sparsity)
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether ``observe_prefill`` / ``observe`` read the attention weights."""
+        return False
+
+    def budget(self, num_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(num_local, num_global), each (B,) long, for rows with ``num_valid`` tokens."""
+        return split_budget(num_valid, self.ratio)
+
+    def init_state(
+        self, batch: int, num_layers: int, num_kv_heads: int, max_len: int, device: Device = None
+    ) -> MethodState:
+        """Fresh state for ``batch`` sequences of up to ``max_len`` cached tokens."""
+        return MethodState(layers=[None] * num_layers, num_groups=1)
+
+    def observe_prefill(
+        self, state: MethodState, layer_idx: int, probs: Tensor, valid: Tensor
+    ) -> None:
+        """Seed the scores from the prefill's softmax, probs (B, Hq, T, S)."""
+
+    def observe(
+        self, state: MethodState, layer_idx: int, probs: Tensor, sel: Selection | None
+    ) -> None:
+        """Record one decode step's softmax over the selection, probs (B, Hq, 1, K)."""
+
+    def select(self, state: MethodState, layer_idx: int, valid: Tensor) -> Selection | None:
+        """The slots this decode step attends to; valid (B, S) bool."""
+        pos, num_valid = valid_positions(valid)
+        return mask_to_selection(self._mask(pos, num_valid, valid)[:, None])  # (B, 1, S)
+
+    def _mask(self, pos: Tensor, num_valid: Tensor, valid: Tensor) -> Tensor:
+        """(B, S) bool selection for a position-only method."""
+        raise NotImplementedError

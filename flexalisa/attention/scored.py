@@ -1,0 +1,146 @@
+"""Methods that select by attention scores: H2O and SWA (ALISA); see ``methods.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flexalisa.attention.base import MethodState, SparsityMethod
+from flexalisa.attention.budget import half_budget, valid_positions
+from flexalisa.attention.scores import (
+    CumulativeScores,
+    Device,
+    WindowScores,
+    head_sum,
+    prefill_rows,
+    top_entries,
+)
+from flexalisa.attention.selection import Selection, mask_to_selection, recent_mask, top_scoring
+
+ScoreRecord = WindowScores | CumulativeScores  # one layer's score bookkeeping
+
+
+@dataclass(frozen=True)
+class _ScoredMethod(SparsityMethod):
+    """Local window + the top-scoring older tokens; subclasses define the score record."""
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.sparsity > 0  # at s = 0 the budget covers every token
+
+    def _groups(self, num_kv_heads: int) -> int:
+        return num_kv_heads if self.per_kv_head else 1
+
+    def _scores(self, record: ScoreRecord, num_valid: Tensor, num_slots: int) -> Tensor:
+        """(B, Hsel, S) scores for choosing the global tokens."""
+        raise NotImplementedError
+
+    def select(self, state: MethodState, layer_idx: int, valid: Tensor) -> Selection | None:
+        pos, num_valid = valid_positions(valid)
+        num_local, num_global = self.budget(num_valid)
+        local = recent_mask(pos, num_valid, num_local, valid)[:, None]  # (B, 1, S)
+        record = state.layers[layer_idx]
+        if record is None:  # no scores kept: the budget covers everything (s = 0)
+            return mask_to_selection(local | valid[:, None])
+        scores = self._scores(record, num_valid, valid.shape[-1])  # (B, Hsel, S)
+        glob = top_scoring(scores, valid[:, None] & ~local, num_global)
+        return mask_to_selection(local | glob)  # (B, Hsel, S) -> Selection
+
+    def observe(
+        self, state: MethodState, layer_idx: int, probs: Tensor, sel: Selection | None
+    ) -> None:
+        record = state.layers[layer_idx]
+        if record is None or sel is None:
+            return
+        if probs.shape[2] != 1 or probs.shape[-1] != sel.indices.shape[-1]:
+            raise ValueError(
+                f"probs must be (B, Hq, 1, K={sel.indices.shape[-1]}), got {tuple(probs.shape)}"
+            )
+        weights = head_sum(probs.float(), state.num_groups)[:, :, 0]  # (B, Hsel, K)
+        slots = sel.indices.expand(-1, state.num_groups, -1)  # (B, Hsel, K)
+        entry = sel.mask.expand(-1, state.num_groups, -1)
+        self._record(record, slots, weights, entry)
+
+    def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
+        """Add one decode row, slots/weights/entry (B, Hsel, K)."""
+        raise NotImplementedError
+
+
+class H2O(_ScoredMethod):
+    """Heavy hitters: attention summed over the whole history, plus the newest tokens."""
+
+    name = "h2o"
+
+    def init_state(
+        self, batch: int, num_layers: int, num_kv_heads: int, max_len: int, device: Device = None
+    ) -> MethodState:
+        groups = self._groups(num_kv_heads)
+        if not self.needs_scores:
+            return MethodState(layers=[None] * num_layers, num_groups=groups)
+        layers = [
+            CumulativeScores.create(batch, groups, max_len, device) for _ in range(num_layers)
+        ]
+        return MethodState(layers=layers, num_groups=groups)
+
+    def observe_prefill(
+        self, state: MethodState, layer_idx: int, probs: Tensor, valid: Tensor
+    ) -> None:
+        record = state.layers[layer_idx]
+        if record is not None:
+            rows = prefill_rows(probs, valid, state.num_groups)  # (B, Hsel, T, S)
+            record.totals[..., : valid.shape[-1]] += rows.double().sum(dim=2)
+
+    def _scores(self, record: ScoreRecord, num_valid: Tensor, num_slots: int) -> Tensor:
+        return record.scores(num_slots)
+
+    def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
+        record.add(slots, weights, entry)
+
+
+class SWA(_ScoredMethod):
+    """ALISA's Sparse Window Attention (Algorithm 1), see the module docstring."""
+
+    name = "swa"
+
+    def init_state(
+        self, batch: int, num_layers: int, num_kv_heads: int, max_len: int, device: Device = None
+    ) -> MethodState:
+        groups = self._groups(num_kv_heads)
+        if not self.needs_scores:
+            return MethodState(layers=[None] * num_layers, num_groups=groups)
+        longest = torch.tensor([max_len])
+        capacity = int(half_budget(longest, self.ratio)) + 1  # the window plus the row pushed
+        width = int(sum(self.budget(longest)))  # the largest per-step selection
+        layers = [
+            WindowScores.create(batch, groups, max_len, capacity, width, device)
+            for _ in range(num_layers)
+        ]
+        return MethodState(layers=layers, num_groups=groups)
+
+    def observe_prefill(
+        self, state: MethodState, layer_idx: int, probs: Tensor, valid: Tensor
+    ) -> None:
+        record = state.layers[layer_idx]
+        if record is None:
+            return
+        rows = prefill_rows(probs, valid, state.num_groups)  # (B, Hsel, T, S)
+        num_q = rows.shape[2]
+        num_seed = min(num_q, record.capacity - 1)  # never more than the longest window
+        keyed = rows.masked_fill(~valid[:, None, None, :], -1.0)  # padding keys sort last
+        width = record.ring_slots.shape[-1]
+        keep = torch.full_like(record.window_rows, max(record.capacity - 2, 0))
+        for row_idx in range(num_q - num_seed, num_q):  # oldest first
+            if record.max_window_rows >= record.capacity - 1:  # a repeated (chunked) prefill
+                record.trim(keep)
+            slots, weights = top_entries(keyed[:, :, row_idx], width)  # (B, Hsel, <=Kr)
+            query_valid = valid[:, -num_q + row_idx][:, None, None]  # (B, 1, 1)
+            record.push(slots, weights, (weights >= 0) & query_valid)
+
+    def _scores(self, record: ScoreRecord, num_valid: Tensor, num_slots: int) -> Tensor:
+        record.trim(half_budget(num_valid, self.ratio))  # the last k rows
+        return record.scores(num_slots)
+
+    def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
+        record.push(slots, weights, entry)

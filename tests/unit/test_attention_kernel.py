@@ -1,0 +1,107 @@
+"""The partial-attention kernel: exact merge of disjoint parts, probs, and gather_kv."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flexalisa.attention import (
+    attention_probs,
+    gather_kv,
+    merge,
+    partial_attention,
+    partial_attention_probs,
+)
+
+B, HQ, HKV, T, S, D = 2, 6, 2, 3, 40, 16
+
+
+def make_qkv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, T, D, generator=gen)
+    k = torch.randn(B, HKV, S, D, generator=gen)
+    v = torch.randn(B, HKV, S, D, generator=gen)
+    return q, k, v
+
+
+def reference_attention(q, k, v, mask):
+    """Plain softmax attention with K/V repeated per query head; mask (B, T, S)."""
+    group = q.shape[1] // k.shape[1]
+    kr = k.repeat_interleave(group, dim=1)  # (B, Hq, S, D)
+    vr = v.repeat_interleave(group, dim=1)
+    scores = q @ kr.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask[:, None], -math.inf)
+    return torch.softmax(scores, dim=-1) @ vr
+
+
+def left_padding_valid() -> torch.Tensor:
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :7] = False  # row 1 is left-padded by 7 slots
+    return valid
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_three_random_disjoint_parts_merge_to_dense(per_kv_head: bool) -> None:
+    q, k, v = make_qkv()
+    valid = left_padding_valid()
+    dense_out, dense_lse = partial_attention(q, k, v, valid[:, None, :].expand(B, T, S))
+    gen = torch.Generator().manual_seed(1)
+    num_sets = HKV if per_kv_head else 1
+    perm = torch.stack([torch.randperm(S, generator=gen) for _ in range(B * num_sets)])
+    perm = perm.view(B, num_sets, S)  # a random order of the slots per (row, set)
+    partials = []
+    for part in torch.tensor_split(perm, [9, 22], dim=-1):  # parts of 9, 13 and 18 slots
+        k_sel, v_sel = gather_kv(k, v, part)  # (B, Hkv, K, D)
+        part_valid = torch.gather(valid[:, None].expand(B, num_sets, S), -1, part)
+        partials.append(
+            partial_attention(q, k_sel, v_sel, part_valid[:, :, None].expand(-1, -1, T, -1))
+        )
+    out, lse = merge(partials)
+    torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, dense_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, reference_attention(q, k, v, valid[:, None].expand(B, T, S)), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_an_empty_part_drops_out_of_the_merge() -> None:
+    q, k, v = make_qkv()
+    full = partial_attention(q, k, v)
+    empty = partial_attention(q, k[:, :, :0], v[:, :, :0])
+    assert torch.isneginf(empty[1]).all() and (empty[0] == 0).all()
+    out, lse = merge([full, empty])
+    torch.testing.assert_close(out, full[0])
+    torch.testing.assert_close(lse, full[1])
+
+
+def test_probs_variant_matches_partial_attention_and_attention_probs() -> None:
+    q, k, v = make_qkv(2)
+    mask = left_padding_valid()[:, None].expand(B, T, S)
+    out, lse, probs = partial_attention_probs(q, k, v, mask)
+    out_ref, lse_ref = partial_attention(q, k, v, mask)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(lse, lse_ref)
+    torch.testing.assert_close(probs, attention_probs(q, k, mask))
+    assert probs.shape == (B, HQ, T, S) and probs.dtype == torch.float32
+    assert (probs[1, :, :, :7] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(B, HQ, T))
+
+
+def test_gather_kv_shared_and_per_kv_head_selections() -> None:
+    _, k, v = make_qkv(3)
+    shared = torch.tensor([[0, 5, 39], [2, 3, 4]])  # (B, K)
+    k_sel, v_sel = gather_kv(k, v, shared)
+    assert k_sel.shape == (B, HKV, 3, D)
+    for b in range(B):
+        torch.testing.assert_close(k_sel[b], k[b][:, shared[b]])
+        torch.testing.assert_close(v_sel[b], v[b][:, shared[b]])
+    per_head = torch.tensor([[[1, 2], [30, 31]], [[7, 0], [8, 9]]])  # (B, Hkv, K)
+    k_sel, v_sel = gather_kv(k, v, per_head)
+    for b in range(B):
+        for h in range(HKV):
+            torch.testing.assert_close(k_sel[b, h], k[b, h, per_head[b, h]])
+            torch.testing.assert_close(v_sel[b, h], v[b, h, per_head[b, h]])
+    with pytest.raises(ValueError, match="indices must be"):
+        gather_kv(k, v, torch.zeros(B, 3, 2, dtype=torch.long))
