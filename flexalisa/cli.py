@@ -1,4 +1,4 @@
-"""The `flexalisa` command: generate (more subcommands plug in via `_SUBCOMMANDS`).
+"""The `flexalisa` command: generate, bench (more subcommands plug in via `_SUBCOMMANDS`).
 
 Flags are kebab-case and map 1:1 onto config dataclass fields. Results go to files or stdout as
 JSON; progress and summaries go to stderr. Bad input exits 1 with one `flexalisa: error:` line.
@@ -28,6 +28,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --gen-len tokens")
+    _add_sparsity_flags(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -37,12 +38,112 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(
         model=args.model, input=args.input, output=args.output, gen_len=args.gen_len,
         batch_size=args.batch_size, device=args.device, ignore_eos=args.ignore_eos,
-        sampling=SamplingParams(args.temperature, args.top_p, args.seed))
+        sampling=SamplingParams(args.temperature, args.top_p, args.seed),
+        method=make_sparsity_method(args))
     run_generate(cfg, command=args.command_line)
     return 0
 
 
-_SUBCOMMANDS = [_add_generate]
+def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity-method", default="dense",
+                   choices=["dense", "swa", "h2o", "local", "strided", "sinks"],
+                   help="which cached tokens each decode step attends to (default dense)")
+    p.add_argument("--sparsity", type=float, default=0.0,
+                   help="KV sparsity s in [0, 1): share of cached tokens not read per step")
+    p.add_argument("--per-kv-head", action="store_true",
+                   help="score and select per KV head (swa, h2o)")
+
+
+def make_sparsity_method(args: argparse.Namespace):
+    """The attention method the flags describe; None for dense."""
+    from flexalisa.attention import make_method
+
+    if args.sparsity_method == "dense":
+        if args.sparsity:
+            raise FlexalisaError("--sparsity needs a --sparsity-method other than dense")
+        return None
+    try:
+        return make_method(args.sparsity_method, args.sparsity, per_kv_head=args.per_kv_head)
+    except ValueError as exc:
+        raise FlexalisaError(str(exc)) from None
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="synthetic throughput run at exact lengths (JSON line)")
+    p.add_argument("--model", required=True,
+                   help="preset name such as opt-1.3b (dummy weights), HF dir or .gguf")
+    p.add_argument("--prompt-len", type=int, required=True)
+    p.add_argument("--gen-len", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs; medians are reported")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="random weights with the checkpoint's shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", type=Path, default=None,
+                   help="also write report.json / report.md into this directory")
+    _add_sparsity_flags(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from flexalisa.bench import BenchConfig, load_bench_weights, run_bench
+    from flexalisa.engine import Engine
+    from flexalisa.report import write_report
+
+    cfg = BenchConfig(model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                      batch=args.batch, repeat=args.repeat, device=args.device,
+                      dummy_weights=args.dummy_weights, sparsity_method=args.sparsity_method,
+                      sparsity=args.sparsity, seed=args.seed)
+    method = make_sparsity_method(args)
+    engine = Engine(load_bench_weights(cfg), device=cfg.device, method=method)
+    result = run_bench(cfg, engine)
+    print(json.dumps(result))
+    if args.report is not None:
+        args.report.mkdir(parents=True, exist_ok=True)
+        write_report(args.report, {"command": args.command_line, "model": result["model_name"],
+                                   "device": cfg.device, "stats": result, "runs": [result]})
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="render a report.json as markdown and PNG plots")
+    p.add_argument("report", type=Path, help="a report.json written by generate or bench")
+    p.add_argument("--plot", action="store_true", help="write PNG plots beside the report")
+    p.add_argument("--out", type=Path, default=None, help="plot directory (default: beside it)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from flexalisa.report import render_markdown
+
+    if not args.report.is_file():
+        raise FlexalisaError(f"report {str(args.report)!r} does not exist")
+    try:
+        report = json.loads(args.report.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FlexalisaError(f"{args.report}: not a JSON report ({exc})") from None
+    if not isinstance(report, dict):
+        raise FlexalisaError(f"{args.report}: not a JSON report (top level is not an object)")
+    print(render_markdown(report))
+    if args.plot:
+        from flexalisa.plots import render_all
+
+        out = args.out or args.report.parent
+        out.mkdir(parents=True, exist_ok=True)
+        written, skipped = render_all(report, out)
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
+        if skipped:
+            print(f"no data for: {', '.join(skipped)}", file=sys.stderr)
+    return 0
+
+
+_SUBCOMMANDS = [_add_generate, _add_bench, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FlexalisaError, ValueError) as exc:
         print(f"flexalisa: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `flexalisa report r.json | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("flexalisa: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

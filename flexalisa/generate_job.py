@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flexalisa.attention import SparsityMethod
 from flexalisa.engine import Engine
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import (
@@ -33,6 +34,7 @@ class GenerateConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     sampling: SamplingParams = SamplingParams()  # greedy unless temperature > 0
     ignore_eos: bool = False  # always generate the full length (benchmarks)
+    method: SparsityMethod | None = None  # KV sparsity (flexalisa.attention); None = dense
 
     def __post_init__(self) -> None:
         if self.gen_len < 1:
@@ -63,7 +65,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     if tok is None:
         raise FlexalisaError(f"{cfg.model}: no tokenizer.json; generate needs a tokenizer")
     token_lists = _tokenize(records, tok, weights.spec.max_seq_len, cfg.gen_len)
-    engine = Engine(weights, device=cfg.device)
+    engine = Engine(weights, device=cfg.device, method=cfg.method)
     batches = list(plan_batches(records, [len(t) for t in token_lists], cfg.batch_size))
     pending = [b for b in batches if any(records[i].key not in done for i in b)]
     budget = sum(records[i].max_new_tokens or cfg.gen_len for b in pending for i in b)

@@ -1,0 +1,55 @@
+"""`flexalisa report`: markdown on stdout, PNG plots for the data present, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexalisa.cli import main
+
+REPORT = {
+    "model": "tiny", "stats": {"total_tok_s": 12.5, "num_prompts": 4},
+    "breakdown": {"by_phase": {"prefill": {"linear": 2.0, "attention": 0.5},
+                               "II": {"linear": 1.0, "transfer wait": 0.4}}},
+    "memory_per_step": [{"step": i, "gpu": 1e6 * min(i, 5), "cpu": 1e6 * max(0, i - 5)}
+                        for i in range(10)],
+    "runs": [{"label": lab, "batch": b, "total_tok_s": b * f, "predicted_total_tok_s": b * f}
+             for lab, f in (("flexgen", 1.0), ("alisa", 2.0)) for b in (4, 8)],
+}
+
+
+def write(tmp_path, obj, name="report.json"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def test_report_plots_every_view_with_data(tmp_path, capsys):
+    path = write(tmp_path, REPORT)
+    assert main(["report", str(path), "--plot"]) == 0
+    out = capsys.readouterr().out
+    assert "| total_tok_s | 12.500 |" in out
+    for name in ("time_breakdown", "memory_per_step", "throughput_vs_batch",
+                 "predicted_vs_measured"):
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_report_skips_views_without_data(tmp_path, capsys):
+    path = write(tmp_path, {"model": "tiny", "stats": {"total_tok_s": 1.0}})
+    assert main(["report", str(path), "--plot", "--out", str(tmp_path / "plots")]) == 0
+    assert "no data for: time_breakdown, memory_per_step" in capsys.readouterr().err
+    assert not list((tmp_path / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("{broken", "not a JSON report"),
+    ("[1, 2]", "top level is not an object"),
+])
+def test_report_bad_input(tmp_path, capsys, content, message):
+    path = tmp_path / "missing.json" if content is None else write(tmp_path, content)
+    assert main(["report", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flexalisa: error:") and message in err and err.count("\n") == 1
