@@ -1,4 +1,4 @@
-"""`flexalisa bench`: one JSON line with FlexGen's throughputs; bad arguments are one-line errors."""
+"""`flexalisa bench`: one JSON line with FlexGen throughputs; bad arguments are one-line errors."""
 
 from __future__ import annotations
 
