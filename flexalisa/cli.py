@@ -28,6 +28,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --gen-len tokens")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the model's chat template (instruct models)")
     _add_sparsity_flags(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -39,7 +41,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model=args.model, input=args.input, output=args.output, gen_len=args.gen_len,
         batch_size=args.batch_size, device=args.device, ignore_eos=args.ignore_eos,
         sampling=SamplingParams(args.temperature, args.top_p, args.seed),
-        method=make_sparsity_method(args))
+        method=make_sparsity_method(args), chat=args.chat)
     run_generate(cfg, command=args.command_line)
     return 0
 

@@ -35,6 +35,7 @@ class GenerateConfig:
     sampling: SamplingParams = SamplingParams()  # greedy unless temperature > 0
     ignore_eos: bool = False  # always generate the full length (benchmarks)
     method: SparsityMethod | None = None  # KV sparsity (flexalisa.attention); None = dense
+    chat: bool = False  # wrap each prompt in the model's chat template as a user turn
 
     def __post_init__(self) -> None:
         if self.gen_len < 1:
@@ -44,8 +45,9 @@ class GenerateConfig:
 
 
 def _tokenize(records: list[PromptRecord], tok: Tokenizer, max_seq_len: int,
-              gen_len: int) -> list[list[int]]:
-    token_lists = tok.encode_batch([r.prompt for r in records])
+              chat: bool) -> list[list[int]]:
+    texts = [tok.apply_chat_template(r.prompt) if chat else r.prompt for r in records]
+    token_lists = tok.encode_batch(texts)
     for rec, ids in zip(records, token_lists):
         if not ids:
             raise JobInputError(f"line {rec.line_no}: prompt of id {rec.id!r} is empty")
@@ -64,7 +66,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     weights, tok = load_model(cfg.model)
     if tok is None:
         raise FlexalisaError(f"{cfg.model}: no tokenizer.json; generate needs a tokenizer")
-    token_lists = _tokenize(records, tok, weights.spec.max_seq_len, cfg.gen_len)
+    token_lists = _tokenize(records, tok, weights.spec.max_seq_len, cfg.chat)
     engine = Engine(weights, device=cfg.device, method=cfg.method)
     batches = list(plan_batches(records, [len(t) for t in token_lists], cfg.batch_size))
     pending = [b for b in batches if any(records[i].key not in done for i in b)]

@@ -43,6 +43,6 @@ def load_model(path: str | Path | None = None) -> tuple[ModelWeights, Tokenizer 
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     reader = open_gguf(path)
-    model, tokens, types, merges = gguf_tokenizer_fields(reader)
+    model, tokens, types, merges, template = gguf_tokenizer_fields(reader)
     weights = weights_from_gguf(reader, path, tokens)
-    return weights, Tokenizer.from_gguf_fields(model, tokens, types, merges)
+    return weights, Tokenizer.from_gguf_fields(model, tokens, types, merges, template)

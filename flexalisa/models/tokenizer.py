@@ -23,8 +23,24 @@ CONTROL_TOKEN_TYPE = 3  # llama.cpp token type: control (special) token
 class Tokenizer:
     """encode(text) -> ids and decode(ids) -> text, identical to HF's fast tokenizer."""
 
-    def __init__(self, backend: HFTokenizer) -> None:
+    def __init__(self, backend: HFTokenizer, chat_template: str | None = None) -> None:
         self.backend = backend
+        self.chat_template = chat_template  # Jinja source from the checkpoint, if it has one
+
+    def apply_chat_template(self, prompt: str) -> str:
+        """Wrap a user prompt in the model's own chat template (rendered with Jinja, which
+        torch already depends on), ending with the assistant's generation prompt."""
+        if not self.chat_template:
+            raise ModelLoadError("this model has no chat template; drop --chat")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=[{"role": "user", "content": prompt}],
+                                   add_generation_prompt=True, bos_token="", eos_token="")
+        except jinja2.TemplateError as exc:
+            raise ModelLoadError(f"cannot render the model's chat template ({exc})") from None
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
@@ -41,14 +57,26 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: Path) -> Tokenizer:
+        """tokenizer.json, plus the chat template from tokenizer_config.json beside it."""
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise ModelLoadError(f"{path}: cannot read tokenizer ({exc})") from None
+        template = None
+        config = path.parent / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                template = json.loads(config.read_text()).get("chat_template")
+            except json.JSONDecodeError:
+                template = None  # the template is optional; a broken config only loses it
+        jinja_file = path.parent / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        return cls(backend, template if isinstance(template, str) else None)
 
     @classmethod
     def from_gguf_fields(cls, model: str, tokens: list[str], token_types: list[int],
-                         merges: list[str]) -> Tokenizer:
+                         merges: list[str], chat_template: str | None = None) -> Tokenizer:
         if model != "gpt2":
             raise ModelLoadError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2)")
         vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -60,14 +88,14 @@ class Tokenizer:
         specials = [AddedToken(t, special=True, normalized=False)
                     for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
         backend.add_special_tokens(specials)
-        return cls(backend)
+        return cls(backend, chat_template)
 
     def to_json(self) -> str:
         return json.dumps(json.loads(self.backend.to_str()))
 
 
-def gguf_tokenizer_fields(reader) -> tuple[str, list[str], list[int], list[str]]:
-    """(model, tokens, token_types, merges) from an open GGUFReader."""
+def gguf_tokenizer_fields(reader) -> tuple[str, list[str], list[int], list[str], str | None]:
+    """(model, tokens, token_types, merges, chat_template) from an open GGUFReader."""
     def array(key: str) -> list:
         field = reader.fields.get(key)
         return [] if field is None else list(field.contents())
@@ -75,5 +103,7 @@ def gguf_tokenizer_fields(reader) -> tuple[str, list[str], list[int], list[str]]
     model_field = reader.fields.get("tokenizer.ggml.model")
     if model_field is None:
         raise ModelLoadError("GGUF file has no tokenizer metadata")
+    template = reader.fields.get("tokenizer.chat_template")
     return (model_field.contents(), array("tokenizer.ggml.tokens"),
-            array("tokenizer.ggml.token_type"), array("tokenizer.ggml.merges"))
+            array("tokenizer.ggml.token_type"), array("tokenizer.ggml.merges"),
+            template.contents() if template is not None else None)

@@ -72,3 +72,14 @@ def test_logits_match_hf(smollm, smollm_hf):
     with torch.no_grad():
         ref = hf_model(input_ids=ids, attention_mask=valid.long()).logits
     assert (ours - ref).abs()[valid].max().item() <= 1e-3
+
+
+def test_chat_template_matches_hf(smollm, smollm_hf):
+    _, tok = smollm
+    _, hf_tok = smollm_hf
+    for prompt in ("Hi", "List three colors:\n- red", "¿Qué tal?"):
+        ours = tok.apply_chat_template(prompt)
+        ref = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+        assert ours == ref
+        assert tok.encode(ours) == hf_tok(ref, add_special_tokens=False).input_ids

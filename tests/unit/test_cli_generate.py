@@ -77,3 +77,9 @@ def test_bad_input_is_one_line_error(tiny_chat_model, tmp_path, capsys, rows, me
     assert code == 1
     assert err.startswith("flexalisa: error:") and message in err and "\n" not in err
     assert not out.exists()  # nothing generated, nothing lost
+
+
+def test_chat_flag_without_template_is_an_error(tiny_chat_model, tmp_path, capsys):
+    code, out = run(tiny_chat_model, tmp_path, PROMPTS[:1], "--chat")
+    assert code == 1 and not out.exists()
+    assert "has no chat template" in capsys.readouterr().err
