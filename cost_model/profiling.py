@@ -1,0 +1,185 @@
+"""Measure this machine into a `HardwareProfile` (the only module here that imports torch).
+
+With CUDA the device is the GPU: fp16 GEMMs, device copies, pinned host<->device copies.
+Without it the device is the CPU under a memory budget: fp32 GEMMs, and "h2d"/"d2h" are host
+memcpy rates, which is what the runtime's CPU device pays to move a tensor between tiers.
+
+Bandwidth accounting: GPU copies count read + write bytes. Host copies count read + 2 x write
+bytes: torch's CPU kernels store through the cache (write-allocate reads each line first), and the
+cost model counts host traffic the same way (``cost_model.timing._cpu_attention_s_per_token``).
+When the CPU is the device, its "device memory bandwidth" is the rate a matrix-vector product
+streams 256 MiB of 4096-wide weights (the rate table's 1-row point): what a decode step's GEMMs
+get (one core often cannot reach the copy-based figure).
+
+Each measurement repeats until its share of ``budget_s`` has passed (after one warm-up) and keeps
+the fastest run (what the machine can do when other jobs leave it alone; the validation script
+likewise keeps the fastest of repeated runs). ``gemm_flops_table`` samples the GEMM rate at
+1..1024 token rows and two weight widths: on CPUs the small-row rate is far from both the
+square-GEMM rate and the bandwidth roofline, and narrow weights run slower than wide ones.
+The CPU device with one torch thread is timed in process CPU time (``time.process_time``), so
+that other jobs on a shared machine do not inflate the figures; anything else in wall time.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cost_model.hardware import HardwareProfile
+
+MIB = 2**20
+DEFAULT_CPU_DEVICE_GPU_MEM_BYTES = 2 * 2**30  # budget for the CPU-as-device when none is given
+GEMM_TABLE_ROWS = (1, 4, 16, 64, 256, 1024)  # token rows at which the GEMM rate is sampled
+GEMM_TABLE_INNER = (512, 4096)  # weight input widths at which it is sampled
+
+
+@dataclass(frozen=True)
+class _Timer:
+    clock: Callable[[], float]  # time.perf_counter, or time.process_time for one CPU thread
+    sync: Callable[[], None]  # waits for queued device work
+    budget_s: float  # wall seconds per measurement
+
+    def best_s(self, fn: Callable[[], Any]) -> float:
+        """The fastest of repeated timings: the machine's capability, not its momentary load."""
+        fn()
+        self.sync()
+        best = float("inf")
+        deadline = time.perf_counter() + self.budget_s
+        while best == float("inf") or time.perf_counter() < deadline:
+            start = self.clock()
+            fn()
+            self.sync()
+            best = min(best, self.clock() - start)
+        return max(best, 1e-9)
+
+
+def _gemm_rate(torch: Any, timer: _Timer, device: str, dtype: Any, m: int, k: int,
+               n: int) -> float:
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    return 2.0 * m * k * n / timer.best_s(lambda: a @ b)
+
+
+def _copy_rate(timer: _Timer, src: Any, dst: Any) -> float:
+    return src.numel() * src.element_size() / timer.best_s(lambda: dst.copy_(src))
+
+
+def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> float:
+    """Dispatch cost of one decoder layer's op sequence on tiny tensors (launch / Python cost).
+
+    The ops of a LLaMA-style decode step: RMSNorm, Q/K/V, RoPE, a cache write, attention,
+    O-proj, residual, RMSNorm, SwiGLU MLP, residual (about 35 ops).
+    """
+    x = torch.randn(1, 1, 64, device=device, dtype=dtype)
+    w = torch.randn(64, 64, device=device, dtype=dtype)
+    cache = torch.zeros(1, 8, 64, device=device, dtype=dtype)
+
+    def norm(h: Any) -> Any:
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w[0]
+
+    def layer() -> None:
+        h = norm(x)
+        q, k, v = h @ w, h @ w, h @ w
+        q = q * w[1] + torch.cat((-q[..., 32:], q[..., :32]), dim=-1) * w[2]
+        k = k * w[1] + torch.cat((-k[..., 32:], k[..., :32]), dim=-1) * w[2]
+        cache[:, 3:4].copy_(k)
+        probs = torch.softmax(q @ cache.transpose(1, 2) * 0.125, dim=-1)
+        h = x + (probs @ cache + v) @ w
+        g = norm(h)
+        h = h + (torch.nn.functional.silu(g @ w) * (g @ w)) @ w
+        h.sum()
+
+    return timer.best_s(layer)
+
+
+def _linear_rate(timer: _Timer, x: Any, weights: list[Any]) -> float:
+    """FLOP/s of x @ W.T (torch's Linear layout) over each weight in turn."""
+    def run() -> None:
+        for w in weights:
+            x @ w.T
+
+    rows, inner = x.shape
+    return 2.0 * rows * inner * weights[0].shape[0] * len(weights) / timer.best_s(run)
+
+
+def _gemm_table(torch: Any, timer: _Timer, device: str, dtype: Any
+                ) -> tuple[tuple[int, int, float], ...]:
+    """(rows, inner, FLOP/s) over GEMM_TABLE_ROWS x GEMM_TABLE_INNER with (4096, inner) weights.
+
+    Points with <= 64 rows stream 256 MiB of distinct weights (past any last-level cache), as a
+    decode step streams a model's layers; larger row counts reuse one weight (compute-bound).
+    """
+    sub = _Timer(timer.clock, timer.sync,
+                 timer.budget_s / (len(GEMM_TABLE_ROWS) * len(GEMM_TABLE_INNER)))
+    table = []
+    for inner in GEMM_TABLE_INNER:
+        one = 4096 * inner * torch.finfo(dtype).bits // 8
+        weights = [torch.empty(4096, inner, device=device, dtype=dtype).uniform_()
+                   for _ in range(max(1, 256 * MIB // one))]
+        for rows in GEMM_TABLE_ROWS:
+            x = torch.randn(rows, inner, device=device, dtype=dtype)
+            table.append((rows, inner, _linear_rate(sub, x, weights if rows <= 64 else
+                                                    weights[:1])))
+    return tuple(sorted(table))
+
+
+def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> dict[str, Any]:
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    big = 4096 if cuda else 1024
+    table = _gemm_table(torch, _Timer(timer.clock, timer.sync, 2 * timer.budget_s), device,
+                        dtype)
+    rate = {(m, k): f for m, k, f in table}
+    out: dict[str, Any] = dict(
+        gpu_gemm_flops_per_s=_gemm_rate(torch, timer, device, dtype, big, big, big),
+        gpu_skinny_flops_per_s=rate[(16, GEMM_TABLE_INNER[-1])], gemm_flops_table=table,
+        layer_overhead_s=_layer_overhead_s(torch, timer, device, dtype))
+    if cuda:
+        pinned = torch.empty(64 * MIB, dtype=torch.uint8).pin_memory()
+        dev_a = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
+        dev_b = torch.empty_like(dev_a)
+        out.update(h2d_bytes_per_s=_copy_rate(timer, pinned, dev_a[: pinned.numel()]),
+                   d2h_bytes_per_s=_copy_rate(timer, dev_a[: pinned.numel()], pinned),
+                   gpu_mem_bytes_per_s=2.0 * _copy_rate(timer, dev_a, dev_b),
+                   gpu_name=torch.cuda.get_device_name(0), link_name="PCIe (measured)",
+                   gpu_mem_bytes=torch.cuda.get_device_properties(0).total_memory)
+    else:
+        gemv = rate[(1, GEMM_TABLE_INNER[-1])]  # streams 256 MiB of (4096, 4096) weights
+        out.update(h2d_bytes_per_s=host_copy, d2h_bytes_per_s=host_copy,
+                   gpu_mem_bytes_per_s=gemv / 2 * 4,  # 2 FLOPs per 4-byte weight read
+                   gpu_name=f"CPU as device ({platform.processor() or platform.machine()})",
+                   link_name="host memcpy", gpu_mem_bytes=DEFAULT_CPU_DEVICE_GPU_MEM_BYTES)
+    return out
+
+
+def measure_profile(gpu_mem_bytes: int | None = None, cpu_mem_bytes: int | None = None,
+                    budget_s: float = 15.0, threads: int | None = None) -> HardwareProfile:
+    """Measure GEMM rates, memory and copy bandwidths, and dispatch overhead (~``budget_s``).
+
+    ``threads`` sets torch's intra-op threads first (the runtime must then use the same count).
+    """
+    import psutil
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    one_cpu_thread = not cuda and torch.get_num_threads() == 1
+    timer = _Timer(time.process_time if one_cpu_thread else time.perf_counter,
+                   torch.cuda.synchronize if cuda else (lambda: None), budget_s / 8)
+    host_a = torch.empty(64 * MIB, dtype=torch.uint8).fill_(1)
+    host_copy = _copy_rate(timer, host_a, torch.empty_like(host_a))  # bytes copied per second
+    rates = _device_rates(torch, timer, cuda, host_copy)
+    cpu_flops = rates["gpu_gemm_flops_per_s"] if not cuda else _gemm_rate(
+        torch, timer, "cpu", torch.float32, 1024, 1024, 1024)
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    rates["gpu_mem_bytes"] = int(gpu_mem_bytes or rates["gpu_mem_bytes"])
+    return HardwareProfile(
+        name=f"measured:{platform.node()}", device_kind="cuda" if cuda else "cpu",
+        cpu_name=f"{platform.processor() or platform.machine()} ({cores} cores, "
+        f"{torch.get_num_threads()} torch threads)",
+        cpu_mem_bytes=int(cpu_mem_bytes or psutil.virtual_memory().available),
+        cpu_flops_per_s=cpu_flops, cpu_mem_bytes_per_s=3.0 * host_copy,
+        compute_dtype_bytes=2 if cuda else 4, cpu_compute_dtype_bytes=4, **rates)

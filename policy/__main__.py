@@ -1,0 +1,7 @@
+"""``python -m policy search ...`` (see ``policy.cli``)."""
+
+from __future__ import annotations
+
+from policy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""HardwareProfile presets, JSON round-trip, parse_bytes, and a short real measurement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cost_model.hardware import HardwareProfile
+from cost_model.hardware_presets import HARDWARE_PRESETS
+from cost_model.units import format_bytes, parse_bytes
+
+EXPECTED_PRESETS = ("t4-16g", "v100-16g", "v100-32g", "a100-40g", "a100-80g", "h100-80g",
+                    "rtx-4090")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512MiB", 512 * 2**20), ("16GB", 16 * 10**9), ("2GiB", 2 * 2**30), ("1024", 1024),
+    ("1.5G", int(1.5 * 2**30)), ("20 GB", 20 * 10**9), ("3kb", 3000), ("7B", 7), ("1e3", 1000),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GB", "12 parsecs", "1..5GB", "5 GiBs"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="byte"):
+        parse_bytes(text)
+
+
+def test_format_bytes():
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+    assert format_bytes(12) == "12 B"
+
+
+def test_all_presets_present_and_described():
+    assert set(EXPECTED_PRESETS) <= set(HARDWARE_PRESETS)
+    for key, hw in HARDWARE_PRESETS.items():
+        assert hw.name == key
+        assert "PCIe" in hw.link_name and hw.cpu_name and hw.gpu_name
+        assert hw.device_kind == "cuda"
+        assert hw.gpu_gemm_flops_per_s > hw.cpu_flops_per_s
+        assert hw.gpu_mem_bytes_per_s > hw.h2d_bytes_per_s
+
+
+def test_flexgen_t4_machine():
+    hw = HardwareProfile.load("T4-16G")
+    assert hw.cpu_mem_bytes == 208 * 10**9
+    assert hw.gpu_mem_bytes == 16 * 2**30
+    assert hw.link_name == "PCIe 3.0 x16"
+
+
+def test_preset_ordering_is_physical():
+    p = HARDWARE_PRESETS
+    assert p["t4-16g"].gpu_gemm_flops_per_s < p["v100-32g"].gpu_gemm_flops_per_s \
+        < p["a100-40g"].gpu_gemm_flops_per_s < p["h100-80g"].gpu_gemm_flops_per_s
+    assert p["a100-80g"].gpu_mem_bytes_per_s > p["a100-40g"].gpu_mem_bytes_per_s
+
+
+def test_json_round_trip(tmp_path):
+    hw = HARDWARE_PRESETS["a100-40g"]
+    assert HardwareProfile.from_dict(json.loads(json.dumps(hw.to_dict()))) == hw
+    path = tmp_path / "hw.json"
+    hw.save(path)
+    assert HardwareProfile.load(path) == hw
+
+
+def test_with_memory_and_validation():
+    hw = HARDWARE_PRESETS["t4-16g"].with_memory(gpu_mem_bytes=2**30)
+    assert hw.gpu_mem_bytes == 2**30 and hw.cpu_mem_bytes == 208 * 10**9
+    with pytest.raises(ValueError, match="h2d_bytes_per_s"):
+        hw.replace(h2d_bytes_per_s=0)
+    with pytest.raises(ValueError, match="device_kind"):
+        hw.replace(device_kind="tpu")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither a preset"):
+        HardwareProfile.load("b200-192g")
+    bad = tmp_path / "hw.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HardwareProfile.load(bad)
+    bad.write_text(json.dumps({**HARDWARE_PRESETS["t4-16g"].to_dict(), "extra": 1}))
+    with pytest.raises(ValueError, match="extra"):
+        HardwareProfile.load(bad)
+
+
+def test_measure_is_short_and_sane():
+    hw = HardwareProfile.measure(gpu_mem_bytes=2**30, budget_s=0.8)
+    assert hw.gpu_mem_bytes == 2**30
+    assert hw.gpu_gemm_flops_per_s > 1e8 and hw.h2d_bytes_per_s > 1e7
+    assert hw.layer_overhead_s > 0
+
+
+def test_gemm_rate_table_interpolates_and_round_trips(tmp_path):
+    table = ((1, 512, 1e10), (1, 4096, 2e10), (16, 512, 4e10), (16, 4096, 8e10))
+    hw = HARDWARE_PRESETS["t4-16g"].replace(gemm_flops_table=table)
+    assert hw.gemm_flops_per_s(1, 512) == 1e10 and hw.gemm_flops_per_s(0.5, 100) == 1e10
+    assert hw.gemm_flops_per_s(4, 512) == pytest.approx(2.5e10)  # halfway in log(rows)
+    assert hw.gemm_flops_per_s(1, 2**10.5) == pytest.approx(1.5e10)  # halfway in log(inner)
+    assert hw.gemm_flops_per_s(4096, 10**6) == 8e10
+    path = tmp_path / "hw.json"
+    hw.save(path)
+    assert HardwareProfile.load(path) == hw
+    with pytest.raises(ValueError, match="gemm_flops_table"):
+        hw.replace(gemm_flops_table=table[:3])  # not a full grid
+    # without a table: two classes split at SKINNY_ROWS
+    preset = HARDWARE_PRESETS["a100-40g"].replace(gpu_skinny_flops_per_s=1e12)
+    assert preset.gemm_flops_per_s(8) == 1e12
+    assert preset.gemm_flops_per_s(4096, 8192) == preset.gpu_gemm_flops_per_s
