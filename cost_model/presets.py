@@ -50,9 +50,34 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 MODEL_ALIASES = {"llama-33b": "llama-30b"}
 
 
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    """Default RoPE only; transformers 4.x keeps it in rope_theta/rope_scaling, 5.x in
+    rope_parameters."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ValueError(f"unsupported RoPE scaling type {rope_type!r} (only default RoPE)")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _check_variant(arch: str, cfg: dict[str, Any]) -> None:
+    """Refuse variants the layer functions do not implement, instead of computing nonsense."""
+    if arch == "opt" and (cfg.get("activation_function", "relu") != "relu"
+                          or not cfg.get("enable_bias", True)
+                          or not cfg.get("layer_norm_elementwise_affine", True)):
+        raise ValueError("unsupported OPT variant (needs relu, biases, affine LayerNorm)")
+    if arch == "llama" and (cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias")
+                            or cfg.get("mlp_bias")):
+        raise ValueError("unsupported LLaMA variant (needs silu, no biases)")
+
+
 def spec_from_hf_config(cfg: dict[str, Any], name: str = "model") -> ModelSpec:
     """A ModelSpec from an HF ``config.json`` dict (``model_type`` "opt" or "llama")."""
     arch = cfg.get("model_type")
+    if arch not in ("opt", "llama"):
+        raise ValueError(f"{name}: unsupported architecture {arch!r}; supported: opt, llama")
+    _check_variant(arch, cfg)
     try:
         eos = cfg.get("eos_token_id")
         common = dict(name=name, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
@@ -68,41 +93,45 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str = "model") -> ModelSpec:
                              pre_layer_norm=cfg.get("do_layer_norm_before", True),
                              word_embed_proj_dim=0 if proj == cfg["hidden_size"] else proj,
                              tie_word_embeddings=True, **common)
-        if arch == "llama":
-            return ModelSpec(family="llama", ffn_size=cfg["intermediate_size"],
-                             num_kv_heads=cfg.get("num_key_value_heads")
-                             or cfg["num_attention_heads"],
-                             head_dim_override=cfg.get("head_dim") or 0,
-                             rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                             **common)
+        return ModelSpec(family="llama", ffn_size=cfg["intermediate_size"],
+                         num_kv_heads=cfg.get("num_key_value_heads")
+                         or cfg["num_attention_heads"],
+                         head_dim_override=cfg.get("head_dim") or 0,
+                         rope_theta=_rope_theta(cfg),
+                         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                         **common)
     except KeyError as exc:
         raise ValueError(f"{name}: config.json lacks {exc.args[0]!r}") from None
-    raise ValueError(f"{name}: unsupported model_type {arch!r}; supported: opt, llama")
 
 
-def spec_from_gguf(path: Path) -> ModelSpec:
-    """A ModelSpec from a GGUF file's ``llama.*`` metadata (weights are not read)."""
-    from gguf import GGUFReader
+GGUF_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end|>")
 
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
 
+def spec_from_gguf_reader(reader: Any, path: Path) -> ModelSpec:
+    """A ModelSpec from an open ``gguf.GGUFReader``'s metadata (weights are not read).
+
+    End-of-sequence ids: the metadata's eos id plus any vocabulary token that is a common
+    end-of-turn marker (``GGUF_END_MARKERS``), so instruct models stop at the end of a turn.
+    """
     def meta(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)
         if field is None and default is None:
             raise ValueError(f"{path}: GGUF metadata lacks {key}")
         return default if field is None else field.contents()
 
-    if meta("general.architecture") != "llama":
-        raise ValueError(f"{path}: unsupported GGUF architecture {meta('general.architecture')!r}")
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: llama")
     hidden, heads = int(meta("llama.embedding_length")), int(meta("llama.attention.head_count"))
     head_dim = int(meta("llama.rope.dimension_count", hidden // heads))
+    tokens = meta("tokenizer.ggml.tokens")
+    eos = reader.fields.get("tokenizer.ggml.eos_token_id")
+    eos_ids = {int(eos.contents())} if eos is not None else set()
+    eos_ids |= {i for i, t in enumerate(tokens) if t in GGUF_END_MARKERS}
+    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     return ModelSpec(
-        family="llama", name=str(path), vocab_size=len(meta("tokenizer.ggml.tokens")),
+        family="llama", name=str(path), vocab_size=len(tokens),
         hidden_size=hidden, num_layers=int(meta("llama.block_count")), num_heads=heads,
         num_kv_heads=int(meta("llama.attention.head_count_kv", heads)),
         ffn_size=int(meta("llama.feed_forward_length")),
@@ -110,7 +139,25 @@ def spec_from_gguf(path: Path) -> ModelSpec:
         head_dim_override=head_dim if head_dim != hidden // heads else 0,
         rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
         norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors})
+        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        bos_token_id=int(bos.contents()) if bos is not None else None,
+        eos_token_ids=tuple(sorted(eos_ids)),
+        pad_token_id=int(meta("tokenizer.ggml.padding_token_id", 0)))
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader``; ValueError for a corrupt or truncated file."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise ValueError(f"{path}: corrupt or truncated GGUF file ({exc})") from None
+
+
+def spec_from_gguf(path: Path) -> ModelSpec:
+    """A ModelSpec from a GGUF file's metadata (weights are not read)."""
+    return spec_from_gguf_reader(open_gguf(path), path)
 
 
 def load_model_spec(source: str | Path) -> ModelSpec:

@@ -13,27 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cost_model.spec import ModelSpec
+from cost_model import presets
 from flexalisa.errors import ModelLoadError
 from flexalisa.models.weights import ModelWeights
 
-END_MARKERS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end|>")
-
 
 def open_gguf(path: Path):  # -> gguf.GGUFReader
-    from gguf import GGUFReader
-
     try:
-        return GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({exc})") from None
-
-
-def field_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+        return presets.open_gguf(path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -41,39 +30,6 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
         w.shape)
-
-
-def spec_from_gguf(reader, path: Path, tokens: list[str]) -> ModelSpec:
-    arch = field_value(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r}; supported: llama")
-
-    def meta(key: str, default=None):
-        value = field_value(reader, f"llama.{key}", default)
-        if value is None:
-            raise ModelLoadError(f"{path}: GGUF metadata lacks llama.{key}")
-        return value
-
-    num_heads = int(meta("attention.head_count"))
-    hidden = int(meta("embedding_length"))
-    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
-    eos_ids = {int(eos)} if eos is not None else set()
-    eos_ids |= {i for i, t in enumerate(tokens) if t in END_MARKERS}
-    head_dim = int(field_value(reader, "llama.rope.dimension_count", hidden // num_heads))
-    bos = field_value(reader, "tokenizer.ggml.bos_token_id")
-    names = {t.name for t in reader.tensors}
-    return ModelSpec(
-        family="llama", name=str(path), vocab_size=len(tokens), hidden_size=hidden,
-        num_layers=int(meta("block_count")), num_heads=num_heads,
-        num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
-        ffn_size=int(meta("feed_forward_length")), max_seq_len=int(meta("context_length")),
-        head_dim_override=head_dim if head_dim != hidden // num_heads else 0,
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=tuple(sorted(eos_ids)),
-        pad_token_id=int(field_value(reader, "tokenizer.ggml.padding_token_id", 0)))
 
 
 def _tensors(reader, path: Path) -> dict[str, Tensor]:
@@ -92,9 +48,12 @@ def _tensors(reader, path: Path) -> dict[str, Tensor]:
     return out
 
 
-def weights_from_gguf(reader, path: Path, tokens: list[str]) -> ModelWeights:
-    """Dequantized fp32 weights from an open GGUFReader; `tokens` is its vocabulary."""
-    spec = spec_from_gguf(reader, path, tokens)
+def weights_from_gguf(reader, path: Path) -> ModelWeights:
+    """Dequantized fp32 weights from an open GGUFReader."""
+    try:
+        spec = presets.spec_from_gguf_reader(reader, path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     t = _tensors(reader, path)
 
     def take(name: str) -> Tensor:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from cost_model.presets import spec_from_hf_config
 from cost_model.spec import ModelSpec
 from flexalisa.errors import ModelLoadError
 from flexalisa.models.weights import ModelWeights
@@ -34,49 +35,12 @@ def read_config(model_dir: Path) -> dict:
         raise ModelLoadError(f"{path}: corrupt config.json ({exc})") from None
 
 
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ModelLoadError(f"unsupported RoPE scaling type {rope_type!r} (only default RoPE)")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-
-
-def _eos_ids(cfg: dict) -> tuple[int, ...]:
-    eos = cfg.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
-
-
 def spec_from_config(cfg: dict, name: str = "model") -> ModelSpec:
-    """Translate an HF config dict into a ModelSpec; unsupported features raise ModelLoadError."""
-    arch = cfg.get("model_type")
-    common = dict(name=name, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                  num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-                  max_seq_len=cfg["max_position_embeddings"], bos_token_id=cfg.get("bos_token_id"),
-                  eos_token_ids=_eos_ids(cfg), pad_token_id=cfg.get("pad_token_id"))
-    if arch == "opt":
-        if cfg.get("activation_function", "relu") != "relu" or not cfg.get("enable_bias", True) \
-                or not cfg.get("layer_norm_elementwise_affine", True):
-            raise ModelLoadError("unsupported OPT variant (needs relu, biases, affine LayerNorm)")
-        proj = cfg.get("word_embed_proj_dim", cfg["hidden_size"])
-        return ModelSpec(family="opt", num_kv_heads=cfg["num_attention_heads"],
-                         ffn_size=cfg["ffn_dim"],
-                         pre_layer_norm=cfg.get("do_layer_norm_before", True),
-                         word_embed_proj_dim=0 if proj == cfg["hidden_size"] else proj,
-                         tie_word_embeddings=True, **common)
-    if arch == "llama":
-        if (cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias")
-                or cfg.get("mlp_bias")):
-            raise ModelLoadError("unsupported LLaMA variant (needs silu, no biases)")
-        return ModelSpec(family="llama", num_kv_heads=cfg.get("num_key_value_heads")
-                         or cfg["num_attention_heads"], ffn_size=cfg["intermediate_size"],
-                         head_dim_override=cfg.get("head_dim") or 0, rope_theta=_rope_theta(cfg),
-                         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                         tie_word_embeddings=cfg.get("tie_word_embeddings", False), **common)
-    raise ModelLoadError(f"unsupported architecture {arch!r}; supported: opt, llama")
+    """The cost model's config reader, its ValueErrors turned into ModelLoadError."""
+    try:
+        return spec_from_hf_config(cfg, name=name)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _load_one(path: Path) -> dict[str, Tensor]:

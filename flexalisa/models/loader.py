@@ -44,5 +44,5 @@ def load_model(path: str | Path | None = None) -> tuple[ModelWeights, Tokenizer 
         raise ModelLoadError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     reader = open_gguf(path)
     model, tokens, types, merges, template = gguf_tokenizer_fields(reader)
-    weights = weights_from_gguf(reader, path, tokens)
+    weights = weights_from_gguf(reader, path)
     return weights, Tokenizer.from_gguf_fields(model, tokens, types, merges, template)
