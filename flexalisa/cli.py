@@ -31,6 +31,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the model's chat template (instruct models)")
     _add_sparsity_flags(p)
+    _add_placement_flags(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -41,7 +42,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model=args.model, input=args.input, output=args.output, gen_len=args.gen_len,
         batch_size=args.batch_size, device=args.device, ignore_eos=args.ignore_eos,
         sampling=SamplingParams(args.temperature, args.top_p, args.seed),
-        method=make_sparsity_method(args), chat=args.chat)
+        method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args))
     run_generate(cfg, command=args.command_line)
     return 0
 
@@ -54,6 +55,25 @@ def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
                    help="KV sparsity s in [0, 1): share of cached tokens not read per step")
     p.add_argument("--per-kv-head", action="store_true",
                    help="score and select per KV head (swa, h2o)")
+
+
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", type=Path, default=None,
+                   help="policy.json (from `python -m policy search`): run offloaded")
+    p.add_argument("--auto-policy", action="store_true",
+                   help="pick the policy with the cost model's search, then run offloaded")
+    p.add_argument("--hardware", default="local",
+                   help="profile for --auto-policy: preset, hw.json, or local (measure, ~15 s)")
+    p.add_argument("--gpu-mem", default=None,
+                   help="device memory budget, e.g. 512MiB (enforced on CPU-only machines too)")
+    p.add_argument("--cpu-mem", default=None, help="host memory budget, e.g. 16GB")
+
+
+def placement_from_args(args: argparse.Namespace):
+    from flexalisa.placement import PlacementRequest
+
+    return PlacementRequest(policy_path=args.policy, auto_policy=args.auto_policy,
+                            hardware=args.hardware, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem)
 
 
 def make_sparsity_method(args: argparse.Namespace):
@@ -85,6 +105,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, default=None,
                    help="also write report.json / report.md into this directory")
     _add_sparsity_flags(p)
+    _add_placement_flags(p)
     p.set_defaults(func=_cmd_bench)
 
 
@@ -92,21 +113,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from flexalisa.bench import BenchConfig, load_bench_weights, run_bench
-    from flexalisa.engine import Engine
-    from flexalisa.report import write_report
+    from flexalisa.placement import Workload, make_generator
+    from flexalisa.report import runtime_sections, write_report
 
     cfg = BenchConfig(model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
                       batch=args.batch, repeat=args.repeat, device=args.device,
                       dummy_weights=args.dummy_weights, sparsity_method=args.sparsity_method,
                       sparsity=args.sparsity, seed=args.seed)
     method = make_sparsity_method(args)
-    engine = Engine(load_bench_weights(cfg), device=cfg.device, method=method)
-    result = run_bench(cfg, engine)
+    work = Workload(batch=cfg.batch, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                    sparsity_method=cfg.sparsity_method, sparsity=cfg.sparsity)
+    generator, policy, prediction = make_generator(
+        placement_from_args(args), load_bench_weights(cfg), cfg.device, method, work)
+    result = run_bench(cfg, generator)
+    if prediction is not None:
+        result["predicted_total_tok_s"] = prediction.total_tok_per_s
+    if policy is not None:
+        result["policy"] = policy.to_dict()
     print(json.dumps(result))
     if args.report is not None:
+        from flexalisa.report import RunStats
+
+        stats = RunStats(extras={})
         args.report.mkdir(parents=True, exist_ok=True)
         write_report(args.report, {"command": args.command_line, "model": result["model_name"],
-                                   "device": cfg.device, "stats": result, "runs": [result]})
+                                   "device": cfg.device, "stats": result, "runs": [result],
+                                   **runtime_sections(result.get("extras"), policy, None, stats)})
     return 0
 
 

@@ -13,3 +13,7 @@ class ModelLoadError(FlexalisaError):
 
 class JobInputError(FlexalisaError):
     """A malformed prompts file: bad JSON, missing or duplicate ids, over-long prompts."""
+
+
+class BudgetError(FlexalisaError):
+    """A policy that cannot fit the device/host memory budgets; says what would fit."""

@@ -10,7 +10,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flexalisa.attention import SparsityMethod
-from flexalisa.engine import Engine
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import (
     PromptRecord,
@@ -20,7 +19,8 @@ from flexalisa.jobs import (
     repair_and_read_done,
 )
 from flexalisa.models import Tokenizer, load_model
-from flexalisa.report import RunStats, write_report
+from flexalisa.placement import PlacementRequest, Workload, make_generator
+from flexalisa.report import RunStats, merge_extras, runtime_sections, write_report
 from flexalisa.sampling import SamplingParams
 
 
@@ -36,6 +36,7 @@ class GenerateConfig:
     ignore_eos: bool = False  # always generate the full length (benchmarks)
     method: SparsityMethod | None = None  # KV sparsity (flexalisa.attention); None = dense
     chat: bool = False  # wrap each prompt in the model's chat template as a user turn
+    placement: PlacementRequest = PlacementRequest()  # policy / budgets: offloading runner
 
     def __post_init__(self) -> None:
         if self.gen_len < 1:
@@ -67,8 +68,14 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     if tok is None:
         raise FlexalisaError(f"{cfg.model}: no tokenizer.json; generate needs a tokenizer")
     token_lists = _tokenize(records, tok, weights.spec.max_seq_len, cfg.chat)
-    engine = Engine(weights, device=cfg.device, method=cfg.method)
-    batches = list(plan_batches(records, [len(t) for t in token_lists], cfg.batch_size))
+    method = cfg.method
+    work = Workload(batch=cfg.batch_size, prompt_len=max(len(t) for t in token_lists),
+                    gen_len=max(r.max_new_tokens or cfg.gen_len for r in records),
+                    sparsity_method=method.name if method else "dense",
+                    sparsity=method.sparsity if method else 0.0)
+    engine, policy, prediction = make_generator(cfg.placement, weights, cfg.device, method, work)
+    batch_size = policy.batch_size if policy is not None else cfg.batch_size
+    batches = list(plan_batches(records, [len(t) for t in token_lists], batch_size))
     pending = [b for b in batches if any(records[i].key not in done for i in b)]
     budget = sum(records[i].max_new_tokens or cfg.gen_len for b in pending for i in b)
     skipped = sum(1 for r in records if r.key in done)
@@ -85,12 +92,13 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     stats.extras["wall_s"] = time.perf_counter() - started
     print(stats.summary_line(), file=sys.stderr)
     report = {"command": command, "model": weights.spec.name, "device": cfg.device,
-              "stats": stats.to_dict()}
+              "stats": stats.to_dict(),
+              **runtime_sections(stats.extras.get("runtime"), policy, prediction, stats)}
     write_report(cfg.output.resolve().parent, report)
     return stats
 
 
-def _run_batch(engine: Engine, tok: Tokenizer, cfg: GenerateConfig,
+def _run_batch(engine, tok: Tokenizer, cfg: GenerateConfig,
                records: list[PromptRecord], token_lists: list[list[int]], batch: list[int],
                done: set[str], stats: RunStats, progress) -> None:
     result = engine.generate(
@@ -109,3 +117,5 @@ def _run_batch(engine: Engine, tok: Tokenizer, cfg: GenerateConfig,
     done.update(records[i].key for i in batch)
     stats.add(len(batch), result.num_prompt_tokens, sum(len(t) for t in result.tokens),
               result.prefill_s, result.decode_s)
+    if result.extras:
+        stats.extras["runtime"] = merge_extras(stats.extras.get("runtime"), result.extras)

@@ -7,8 +7,9 @@ Each plot is drawn when its data is in the report, and skipped (with a note) whe
     throughput_vs_batch.png  total tok/s vs batch size, one line per policy  report["runs"]
     predicted_vs_measured.png  predicted vs measured total tok/s          report["runs"]
 
-Report keys: breakdown = {"by_phase": {phase: {op: seconds}}}; memory_per_step = [{"step": i,
-tier: bytes, ...}]; runs = [{"label", "batch", "total_tok_s", "predicted_total_tok_s"?}].
+Report keys: breakdown = {"by_op": {op: seconds}, "by_phase": {phase: seconds}};
+memory_per_step = [{"step": i, tier: bytes, ...}];
+runs = [{"label", "batch", "total_tok_s", "predicted_total_tok_s"?}].
 """
 
 from __future__ import annotations
@@ -29,22 +30,23 @@ def _pyplot():
 
 
 def plot_time_breakdown(report: dict, out: Path) -> Path | None:
-    by_phase = report.get("breakdown", {}).get("by_phase")
-    if not by_phase:
+    """Two stacked bars: seconds per op kind, and wall seconds per phase."""
+    breakdown = report.get("breakdown", {})
+    bars = {"by op": breakdown.get("by_op") or {}, "by phase": breakdown.get("by_phase") or {}}
+    bars = {name: parts for name, parts in bars.items() if parts}
+    if not bars:
         return None
     plt = _pyplot()
-    phases = list(by_phase)
-    ops = sorted({op for times in by_phase.values() for op in times})
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    bottom = [0.0] * len(phases)
-    for op in ops:
-        heights = [by_phase[p].get(op, 0.0) for p in phases]
-        ax.bar(phases, heights, bottom=bottom, label=op)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_title("Time breakdown by op and phase")
-    ax.set_xlabel("phase")
+    for x, (name, parts) in enumerate(bars.items()):
+        bottom = 0.0
+        for part, seconds in parts.items():
+            ax.bar(x, seconds, bottom=bottom, label=f"{name}: {part}")
+            bottom += seconds
+    ax.set_xticks(range(len(bars)), list(bars))
+    ax.set_title("Time breakdown by op and by phase")
     ax.set_ylabel("time (s)")
-    ax.legend(title="op", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, out / "time_breakdown.png")
 
 

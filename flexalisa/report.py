@@ -82,3 +82,58 @@ def render_markdown(report: dict) -> str:
         if isinstance(body, dict) and section != "stats":
             lines += ["", f"## {section}", "", "```json", json.dumps(body, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+_MAX_KEYS = ("peak_bytes", "peak_kv_bytes", "reserved_bytes", "max_live_streamed_layers")
+_FIRST_KEYS = ("policy", "runner", "device", "phase2_start_step", "phase3_start_step",
+               "phase_crossed_at_step")
+
+
+def merge_extras(prev: dict | None, new: dict) -> dict:
+    """Combine one batch's runner extras into the job's: counts and seconds add up, peaks take
+    the max, settings and first crossings keep the first batch's value."""
+    if prev is None:
+        return json.loads(json.dumps(new))  # a deep copy of plain data
+    out = dict(prev)
+    for key, value in new.items():
+        if key not in out or key in _FIRST_KEYS:
+            out.setdefault(key, value)
+        elif key in _MAX_KEYS:
+            out[key] = _combine(out[key], value, max)
+        elif isinstance(value, (int, float, dict)) and not isinstance(value, bool):
+            out[key] = _combine(out[key], value, lambda a, b: a + b)
+        else:
+            out[key] = value
+    return out
+
+
+def _combine(a, b, op):
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _combine(a[k], b[k], op) if k in a and k in b else b.get(k, a.get(k))
+                for k in {**a, **b}}
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return op(a, b)
+    return b
+
+
+def runtime_sections(extras: dict | None, policy, prediction, stats: RunStats) -> dict:
+    """Report sections for an offloaded run: the policy, the runner's counters, the breakdown
+    the plots read, and predicted vs measured when the cost model chose the policy."""
+    sections: dict = {}
+    if policy is not None:
+        sections["policy"] = policy.to_dict()
+    if extras:
+        sections["runtime"] = {k: v for k, v in extras.items() if k != "policy"}
+        sections["breakdown"] = {"by_op": extras.get("op_s", {}),
+                                 "by_phase": extras.get("phase_s", {})}
+    if prediction is not None:
+        measured = stats.total_tok_s
+        sections["prediction"] = {
+            "predicted_prefill_tok_s": prediction.prefill_tok_per_s,
+            "predicted_decode_tok_s": prediction.decode_tok_per_s,
+            "predicted_total_tok_s": prediction.total_tok_per_s,
+            "measured_total_tok_s": measured,
+            "relative_error": (prediction.total_tok_per_s - measured) / measured
+            if measured else None,
+        }
+    return sections

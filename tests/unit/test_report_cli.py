@@ -10,8 +10,8 @@ from flexalisa.cli import main
 
 REPORT = {
     "model": "tiny", "stats": {"total_tok_s": 12.5, "num_prompts": 4},
-    "breakdown": {"by_phase": {"prefill": {"linear": 2.0, "attention": 0.5},
-                               "II": {"linear": 1.0, "transfer wait": 0.4}}},
+    "breakdown": {"by_op": {"linear": 2.0, "attention": 0.5, "transfer_wait": 0.4},
+                  "by_phase": {"prefill": 1.0, "phase1": 1.5, "phase2": 0.4}},
     "memory_per_step": [{"step": i, "gpu": 1e6 * min(i, 5), "cpu": 1e6 * max(0, i - 5)}
                         for i in range(10)],
     "runs": [{"label": lab, "batch": b, "total_tok_s": b * f, "predicted_total_tok_s": b * f}

@@ -1,0 +1,153 @@
+"""Weight placement: which layers live on the device, which stream in, and INT4 compression.
+
+Decision (FlexGen places per tensor; we place **by layer**): with ``weights_gpu_share = w`` the
+first ``round(w · L)`` decoder layers are resident on the device and the rest stay in host
+memory (pinned under CUDA). Whole layers keep the streaming unit simple: a streamed layer is
+one copy job, issued one layer ahead (``LOAD_WEIGHT``) into one of two working buffers, so at
+most two streamed layers are on the device at a time (double buffering). The globals
+(embeddings, final norm, lm_head) are always resident: every step needs them.
+
+``weight_compression = "int4"``: every 2-D matrix of every layer is stored group-wise INT4
+(``flexalisa.kv.quant``, groups of 64 along ``in_features``, or the largest even divisor that
+fits), resident or not; streamed layers are copied as codes, and every layer is dequantized on
+the device at ``LOAD_WEIGHT`` into its working buffer. Biases and norms stay uncompressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flexalisa.kv.quant import QTensor, dequantize, quantize
+from flexalisa.models.weights import LayerWeights, ModelWeights
+from flexalisa.runtime.device import Device
+
+WEIGHT_GROUP_SIZE = 64  # preferred INT4 group along in_features
+StoredTensor = Tensor | QTensor
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where each layer lives; derived from the policy before anything is allocated."""
+
+    num_resident_layers: int  # layers [0, this) live on the device
+    num_layers: int  # all decoder layers
+    compressed: bool  # INT4 storage of the 2-D matrices
+
+    @classmethod
+    def from_share(cls, weights_gpu_share: float, num_layers: int,
+                   compressed: bool) -> WeightLayout:
+        return cls(int(round(weights_gpu_share * num_layers)), num_layers, compressed)
+
+    def resident(self, layer_idx: int) -> bool:
+        return layer_idx < self.num_resident_layers
+
+    @property
+    def needs_working_buffers(self) -> bool:
+        """Whether any layer is materialised on the device per use (streamed or dequantized)."""
+        return self.compressed or self.num_resident_layers < self.num_layers
+
+
+def int4_group_size(in_features: int) -> int:
+    """The largest even group <= WEIGHT_GROUP_SIZE dividing ``in_features``."""
+    for size in range(WEIGHT_GROUP_SIZE, 1, -2):
+        if in_features % size == 0:
+            return size
+    raise ValueError(f"in_features {in_features} has no even group size for INT4")
+
+
+def stored_bytes(t: StoredTensor) -> int:
+    return t.nbytes if isinstance(t, QTensor) else t.numel() * t.element_size()
+
+
+def layer_stored_bytes(layer: dict[str, StoredTensor]) -> int:
+    return sum(stored_bytes(t) for t in layer.values())
+
+
+def compressed_layer_bytes(layer: LayerWeights, dtype: torch.dtype) -> int:
+    """Bytes a layer takes stored as INT4 (without building it): for budgets."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for t in layer.values():
+        if t.dim() == 2:
+            groups = t.numel() // int4_group_size(t.shape[1])
+            total += t.numel() // 2 + 8 * groups
+        else:
+            total += t.numel() * elt
+    return total
+
+
+class WeightStore:
+    """Home copies of the layers, and ``load(layer_idx)`` giving a device-ready dict."""
+
+    def __init__(self, weights: ModelWeights, layout: WeightLayout, device: Device,
+                 dtype: torch.dtype) -> None:
+        self.layout, self.device, self.dtype = layout, device, dtype
+        compute = device.torch_device
+        self.globals = {k: v.to(compute, dtype if v.is_floating_point() else None)
+                        for k, v in weights.globals.items()}
+        if "lm_head" in weights.globals and weights.globals["lm_head"] is weights.globals.get(
+                "embed"):
+            self.globals["lm_head"] = self.globals["embed"]  # keep tied tensors tied
+        self.layers: list[dict[str, StoredTensor]] = [
+            self._home(layer, layout.resident(j)) for j, layer in enumerate(weights.layers)]
+
+    def _home(self, layer: LayerWeights, resident: bool) -> dict[str, StoredTensor]:
+        out: dict[str, StoredTensor] = {}
+        for name, t in layer.items():
+            t = t.to(self.dtype)
+            if self.layout.compressed and t.dim() == 2:
+                q = quantize(t, 4, int4_group_size(t.shape[1]))
+                out[name] = q.to(self.device.torch_device) if resident else _host_q(q, self.device)
+            else:
+                out[name] = (t.to(self.device.torch_device) if resident else
+                             t if t.device.type == "cpu" and not self.device.pin
+                             else self.device.to_host(t))
+        return out
+
+    def is_streamed(self, layer_idx: int) -> bool:
+        """Whether ``load`` copies this layer host → device."""
+        return not self.layout.resident(layer_idx)
+
+    def load(self, layer_idx: int) -> tuple[LayerWeights, int]:
+        """The layer's weights on the device, and the bytes copied host → device.
+
+        Runs as a copy job. A resident uncompressed layer is returned as is (nothing copied).
+        """
+        home = self.layers[layer_idx]
+        if not self.layout.needs_working_buffers or (self.layout.resident(layer_idx)
+                                                     and not self.layout.compressed):
+            return home, 0  # type: ignore[return-value]
+        streamed = self.is_streamed(layer_idx)
+        out: LayerWeights = {}
+        moved = 0
+        for name, t in home.items():
+            if isinstance(t, QTensor):
+                on_device = t.to(self.device.torch_device, non_blocking=self.device.pin)
+                out[name] = dequantize(on_device)
+            else:
+                out[name] = self.device.to_compute(t) if streamed else t
+            moved += stored_bytes(t) if streamed else 0
+        return out, moved
+
+    def resident_bytes(self) -> int:
+        """Device bytes of the globals and the resident layers."""
+        seen: set[int] = set()
+        total = 0
+        for t in self.globals.values():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total + sum(layer_stored_bytes(self.layers[j])
+                           for j in range(self.layout.num_resident_layers))
+
+    def host_bytes(self) -> int:
+        return sum(layer_stored_bytes(self.layers[j])
+                   for j in range(self.layout.num_resident_layers, self.layout.num_layers))
+
+
+def _host_q(q: QTensor, device: Device) -> QTensor:
+    return QTensor(device.to_host(q.codes), device.to_host(q.scale), device.to_host(q.minimum),
+                   q.bits, q.group_size, q.dtype)

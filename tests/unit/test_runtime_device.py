@@ -1,0 +1,52 @@
+"""The CPU device: copy jobs run on worker threads concurrently with the caller, one lane each,
+in submission order; errors surface at wait; copies are real copies."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from flexalisa.runtime import CpuDevice, make_device
+
+
+def test_jobs_run_on_a_worker_concurrently_with_compute():
+    device = CpuDevice()
+    started, release = threading.Event(), threading.Event()
+
+    def job() -> str:
+        started.set()
+        assert release.wait(5), "the caller never released the job"  # blocks the worker only
+        return threading.current_thread().name
+
+    handle = device.submit("h2d", job)
+    assert started.wait(5)  # the job is running while the caller goes on
+    release.set()
+    (name,) = device.wait([handle])
+    assert name.startswith("flexalisa-h2d") and handle.busy_s > 0
+    device.close()
+
+
+def test_a_lane_runs_jobs_in_order_and_errors_surface_at_wait():
+    device = CpuDevice()
+    order: list[int] = []
+    handles = [device.submit("d2h", lambda i=i: order.append(i)) for i in range(20)]
+    device.wait(handles)
+    assert order == list(range(20))
+    bad = device.submit("h2d", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        device.wait([bad])
+    device.close()
+
+
+def test_copies_are_new_tensors_and_oom_is_recognised():
+    device = make_device("cpu")
+    t = torch.arange(6.0)
+    assert device.to_compute(t).data_ptr() != t.data_ptr()
+    assert torch.equal(device.to_host(t), t)
+    assert device.is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert not device.is_out_of_memory(RuntimeError("x"))
+    device.close()
+    with pytest.raises(ValueError, match="unknown device"):
+        make_device("tpu")
