@@ -61,21 +61,20 @@ def hardware_profile(req: PlacementRequest) -> HardwareProfile:
         raise FlexalisaError(f"--hardware {req.hardware!r}: {exc}") from None
 
 
-def resolve_policy(req: PlacementRequest, spec: ModelSpec, work: Workload
-                   ) -> tuple[Policy | None, Prediction | None]:
+def resolve_policy(req: PlacementRequest, spec: ModelSpec, work: Workload,
+                   hw: HardwareProfile | None = None) -> tuple[Policy | None, Prediction | None]:
     """The policy to run and, when the cost model chose it, its prediction."""
     if req.policy_path is not None:
         try:
             return Policy.load(req.policy_path), None
         except (ValueError, OSError, KeyError, TypeError) as exc:
             raise FlexalisaError(f"--policy {req.policy_path}: {exc}") from None
-    if not req.auto_policy:
-        if req.offload:  # budgets only: everything static on the device tier, runtime decides
-            return default_policy(work), None
+    if not req.offload:
         return None, None
+    # --auto-policy, or budgets alone: the cost model places weights, KV and activations to fit
     from policy import InfeasibleError, SearchSpace, search
 
-    hw = hardware_profile(req)
+    hw = hw or hardware_profile(req)
     space = SearchSpace(batch_sizes=(work.batch,), sparsity_methods=(work.sparsity_method,),
                         sparsities=(work.sparsity,) if work.sparsity else (0.0,))
     try:
@@ -84,15 +83,6 @@ def resolve_policy(req: PlacementRequest, spec: ModelSpec, work: Workload
         raise FlexalisaError(f"no policy fits: {exc}") from None
     print(f"auto-policy: {result.policy.describe()}", file=sys.stderr)
     return result.policy, result.prediction
-
-
-def default_policy(work: Workload) -> Policy:
-    """Weights and activations on the device, KV tiers derived from the budget by the runtime."""
-    return Policy(gpu_batch_size=work.batch, num_gpu_batches=1, weights_gpu_share=1.0,
-                  weights_cpu_share=0.0, kv_gpu_share=1.0, kv_cpu_share=0.0,
-                  kv_recompute_share=0.0, phase2_start_step=None, phase3_start_step=None,
-                  act_gpu_share=1.0, act_cpu_share=0.0, sparsity_method=work.sparsity_method,
-                  sparsity=work.sparsity)
 
 
 def prediction_for(req: PlacementRequest, spec: ModelSpec, policy: Policy,
@@ -110,18 +100,56 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
 
     if not req.offload:
         return Engine(weights, device=device, method=method), None, None
-    from flexalisa.runtime import OffloadRunner
-
-    policy, prediction = resolve_policy(req, weights.spec, work)
+    policy, prediction = _fitting_policy(req, weights, device, work)
     if method is not None and (policy.sparsity_method, policy.sparsity) != (
             method.name, method.sparsity):
         raise FlexalisaError(f"--sparsity-method {method.name} --sparsity {method.sparsity} "
                              f"conflicts with the policy's {policy.sparsity_method} "
                              f"{policy.sparsity}; drop the flags or edit the policy")
+    return _runner(req, weights, device, policy), policy, prediction
+
+
+def _runner(req: PlacementRequest, weights, device: str, policy: Policy):
+    from flexalisa.runtime import OffloadRunner
+
     gpu, cpu = req.budget_bytes()
     try:
-        runner = OffloadRunner(weights, policy, device=device, gpu_mem_bytes=gpu,
-                               cpu_mem_bytes=cpu)
+        return OffloadRunner(weights, policy, device=device, gpu_mem_bytes=gpu,
+                             cpu_mem_bytes=cpu)
     except ValueError as exc:
         raise FlexalisaError(str(exc)) from None
-    return runner, policy, prediction
+
+
+SEARCH_RETRIES = 5  # searches with a shrinking device budget before giving up
+SEARCH_SHRINK = 0.75  # device memory the search may plan with, relative to the last try
+
+
+def _fitting_policy(req: PlacementRequest, weights, device: str, work: Workload
+                    ) -> tuple[Policy, Prediction | None]:
+    """A policy whose runtime memory plan fits the budgets.
+
+    The cost model's memory terms are estimates; the runtime's plan counts real buffers. When
+    the searched policy does not fit the runtime's plan, search again as if the device had less
+    memory, so the budget the user gave is never exceeded.
+    """
+    from flexalisa.errors import BudgetError
+
+    policy, prediction = resolve_policy(req, weights.spec, work)
+    prompts, limits = [[0] * work.prompt_len] * work.batch, [work.gen_len] * work.batch
+    if req.policy_path is not None:  # a given policy is checked, at the job's longest prompt
+        _runner(req, weights, device, policy).plan(prompts, limits)
+        return policy, prediction
+    hw = hardware_profile(req) if req.hardware != "local" else None
+    for _ in range(SEARCH_RETRIES):
+        runner = _runner(req, weights, device, policy)
+        try:
+            runner.plan(prompts, limits)
+            return policy, prediction
+        except BudgetError:
+            hw = hw or hardware_profile(req)
+            hw = hw.with_memory(int(hw.gpu_mem_bytes * SEARCH_SHRINK))
+            policy, prediction = resolve_policy(req, weights.spec, work, hw)
+        finally:
+            runner.close()
+    _runner(req, weights, device, policy).plan(prompts, limits)  # raises the runtime's message
+    return policy, prediction
