@@ -91,11 +91,14 @@ class KVRing:
             zeros = torch.zeros(*slots.shape, self.k_parts[0].shape[-1], dtype=self.dtype,
                                 device=self.device)
             return zeros, zeros.clone()
-        ring_idx = (slots % self.capacity).to(self.device)
+        ring_idx = (slots % self.capacity).to(self.device)  # (B, Hkv, K)
+        # advanced indexing reads only the selected rows; torch.gather with an index expanded
+        # over the last dim was ~3x slower here
+        batch_idx = torch.arange(ring_idx.shape[0], device=self.device)[:, None, None]
+        head_idx = torch.arange(ring_idx.shape[1], device=self.device)[None, :, None]
 
         def take(parts: list[Tensor]) -> Tensor:
-            picked = [torch.gather(p, 2, ring_idx[..., None].expand(-1, -1, -1, p.shape[-1]))
-                      for p in parts]  # each (B, Hkv, K, ·)
+            picked = [p[batch_idx, head_idx, ring_idx] for p in parts]  # each (B, Hkv, K, ·)
             return self.decode(picked)
 
         return take(self.k_parts), take(self.v_parts)

@@ -155,11 +155,12 @@ def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: Recompute
     idx = fetched.indices
     batch, heads, num_sel = idx.shape
     column = torch.searchsorted(slots, idx.reshape(batch, heads * num_sel))  # (B, Hkv*K)
-    column = column.clamp_(max=slots.shape[1] - 1).view(batch, heads, num_sel, 1)
-    column = column.expand(-1, -1, -1, cfg.head_dim)  # (B, Hkv, K, D)
+    column = column.clamp_(max=slots.shape[1] - 1).view(batch, heads, num_sel)  # (B, Hkv, K)
+    batch_idx = torch.arange(batch, device=column.device)[:, None, None]
+    head_idx = torch.arange(heads, device=column.device)[None, :, None]
     store.counters.tokens_recomputed += fetched.num_recompute
-    return (torch.gather(k_new.to(like.dtype), 2, column),
-            torch.gather(v_new.to(like.dtype), 2, column))
+    return (k_new.to(like.dtype)[batch_idx, head_idx, column],  # (B, Hkv, K, D)
+            v_new.to(like.dtype)[batch_idx, head_idx, column])
 
 
 def _check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
