@@ -1,0 +1,36 @@
+"""The benchmark suite's 1-minute smoke version: every section runs and writes its outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def load_suite():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_suite.py"
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
+    suite = load_suite()
+    assert suite.main(["--smoke", "--model", str(tiny_chat_model), "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench_suite.json").read_text())
+    hf_rows = results["dense_vs_hf"]
+    assert [r["label"] for r in hf_rows] == ["flexalisa", "hf-transformers"]
+    assert hf_rows[0]["ratio_vs_hf"] > 0 and all(r["total_tok_s"] > 0 for r in hf_rows)
+    labels = {r["label"] for r in results["sparse_vs_dense"]}
+    assert labels == {"dense", "swa@0.5", "swa@0.8"}
+    offload = results["alisa_vs_flexgen"]
+    assert {r["label"] for r in offload} == {"alisa", "flexgen"}
+    assert all(r["predicted_total_tok_s"] > 0 for r in offload)
+    assert "## alisa_vs_flexgen" in (tmp_path / "bench_suite.md").read_text()
+    for png in ("throughput_vs_batch.png", "predicted_vs_measured.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
