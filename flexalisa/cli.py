@@ -1,4 +1,4 @@
-"""The `flexalisa` command: generate, bench (more subcommands plug in via `_SUBCOMMANDS`).
+"""The `flexalisa` command: generate, bench, report, eval (each registered in `_SUBCOMMANDS`).
 
 Flags are kebab-case and map 1:1 onto config dataclass fields. Results go to files or stdout as
 JSON; progress and summaries go to stderr. Bad input exits 1 with one `flexalisa: error:` line.
@@ -55,6 +55,9 @@ def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
                    help="KV sparsity s in [0, 1): share of cached tokens not read per step")
     p.add_argument("--per-kv-head", action="store_true",
                    help="score and select per KV head (swa, h2o)")
+    p.add_argument("--query-channels", type=int, default=0,
+                   help="swa only: choose global tokens from the current query's top-r channels "
+                        "(SparQ-style; 0 = the paper's attention-history form)")
 
 
 def _add_placement_flags(p: argparse.ArgumentParser) -> None:
@@ -85,7 +88,8 @@ def make_sparsity_method(args: argparse.Namespace):
             raise FlexalisaError("--sparsity needs a --sparsity-method other than dense")
         return None
     try:
-        return make_method(args.sparsity_method, args.sparsity, per_kv_head=args.per_kv_head)
+        return make_method(args.sparsity_method, args.sparsity, per_kv_head=args.per_kv_head,
+                           query_channels=args.query_channels)
     except ValueError as exc:
         raise FlexalisaError(str(exc)) from None
 
@@ -177,7 +181,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_generate, _add_bench, _add_report]
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from flexalisa.eval import add_parser
+
+    add_parser(sub)
+
+
+_SUBCOMMANDS = [_add_generate, _add_bench, _add_report, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,16 +146,19 @@ class Engine:
         mask = mask | torch.eye(length, dtype=torch.bool, device=self.device)[None]
         x = fam.embed(spec, w.globals, ids, positions)  # (b, T, H)
         pos = fam.prepare_positions(spec, positions, self.dtype)
+        last_layer = len(w.layers) - 1
         for layer_idx, lw in enumerate(w.layers):
             q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, 0, k, v, rows)
-            attn = dense_attention(q, k, v, mask)
             if state is not None and self.method.needs_scores:
                 probs = attention_probs(q, k, mask)  # (B, Hq, T, T)
                 self.method.observe_prefill(state, layer_idx, probs, valid)
+            if last_only and layer_idx == last_layer:
+                # only the last position feeds the logits: the final layer's attention output,
+                # o-proj and MLP are computed for it alone (its K, V are already cached)
+                q, x, mask = q[:, :, -1:], x[:, -1:], mask[:, -1:]
+            attn = dense_attention(q, k, v, mask)
             x = fam.finish_layer(spec, lw, x, attn)
-        if last_only:
-            x = x[:, -1:]
         return fam.logits(spec, w.globals, x)
 
     def decode_step(self, cache: KVCache, ids: Tensor, positions: Tensor,
@@ -183,7 +186,7 @@ class Engine:
     def _sparse_attention(self, state: MethodState, layer_idx: int, q: Tensor, keys: Tensor,
                           values: Tensor, valid: Tensor) -> Tensor:
         """Attend over the method's selection only; K, V outside it are never read."""
-        sel = self.method.select(state, layer_idx, valid)
+        sel = self.method.select(state, layer_idx, valid, q=q, keys=keys)
         if sel is None:
             return dense_attention(q, keys, values, valid[:, None])
         k_sel, v_sel = gather_kv(keys, values, sel.indices)  # (B, Hkv, K, D)
@@ -234,9 +237,11 @@ class Engine:
                     keep.append(local)
             if not keep:
                 break
-            if len(keep) < len(active) and state is None:  # method state keeps every row
+            if len(keep) < len(active):
                 rows = torch.tensor(keep, device=self.device)
                 cache.keep_rows(rows)
+                if state is not None:
+                    state.keep_rows(rows)
                 next_ids, positions = next_ids[rows], positions[rows]
                 active = [active[i] for i in keep]
             logits = self.decode_step(cache, next_ids, positions, state)

@@ -100,6 +100,9 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
 
     if not req.offload:
         return Engine(weights, device=device, method=method), None, None
+    if method is not None and (method.per_kv_head or getattr(method, "query_channels", 0)):
+        raise FlexalisaError("--per-kv-head / --query-channels run on the all-on-device engine "
+                             "only; the offloading runtime uses the paper's per-layer SWA")
     policy, prediction = _fitting_policy(req, weights, device, work)
     if method is not None and (policy.sparsity_method, policy.sparsity) != (
             method.name, method.sparsity):

@@ -21,6 +21,15 @@ class MethodState:
     layers: list[WindowScores | CumulativeScores | None]  # indexed by layer_idx
     num_groups: int  # Hsel: 1, or Hkv with per_kv_head
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows`` (1-D long, in the new order) in every layer's record.
+
+        For compacting a batch when sequences finish; selections of the kept rows are unchanged.
+        """
+        for record in self.layers:
+            if record is not None:
+                record.keep_rows(rows)
+
 
 @dataclass(frozen=True)
 class SparsityMethod:
@@ -63,8 +72,19 @@ class SparsityMethod:
     ) -> None:
         """Record one decode step's softmax over the selection, probs (B, Hq, 1, K)."""
 
-    def select(self, state: MethodState, layer_idx: int, valid: Tensor) -> Selection | None:
-        """The slots this decode step attends to; valid (B, S) bool."""
+    def select(
+        self,
+        state: MethodState,
+        layer_idx: int,
+        valid: Tensor,
+        q: Tensor | None = None,
+        keys: Tensor | None = None,
+    ) -> Selection | None:
+        """The slots this decode step attends to; valid (B, S) bool.
+
+        q (B, Hq, 1, D) and keys (B, Hkv, S, D), the step's queries and every cached key, are
+        optional; only query-aware methods read them (others ignore them).
+        """
         pos, num_valid = valid_positions(valid)
         return mask_to_selection(self._mask(pos, num_valid, valid)[:, None])  # (B, 1, S)
 

@@ -10,7 +10,7 @@ and fetches only the selected tokens. Engine contract, per layer ``layer_idx``::
     method.observe_prefill(state, layer_idx, probs, valid)
     # each decode step, before attention; valid (B, S) covers every cached token, the new
     # token included at slot S-1 (which is always selected)
-    sel = method.select(state, layer_idx, valid)           # None = dense (attend all valid)
+    sel = method.select(state, layer_idx, valid, q=q, keys=k)  # None = dense; q, keys optional
     k_sel, v_sel = gather_kv(k, v, sel.indices)             # (B, Hkv, K, D)
     out, lse, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
     method.observe(state, layer_idx, probs, sel)            # probs (B, Hq, 1, K)
@@ -39,6 +39,10 @@ Methods (ties: lower slot wins):
            (the seed), then one per decode step; with k = k(n) of this step. One set per
            layer per sequence; ``per_kv_head=True`` scores and selects per KV head, summing
            only the query heads of that KV group. Bookkeeping: ``scores.py``.
+           ``query_channels=r > 0``: the global part is instead the top-k by SparQ's estimate
+           of the current step's attention from the query's r largest channels, when the
+           caller passes ``select(..., q=q, keys=keys)`` (``query_aware.py``; it reads r/D of
+           K for every older token each step). Without q/keys: the paper's form above.
 Scores are summed over query heads (all heads, or one KV group's heads with per_kv_head).
 Selections have Hsel = Hkv only for score methods with per_kv_head and s > 0, else Hsel = 1.
 
@@ -71,8 +75,15 @@ METHODS: dict[str, type[SparsityMethod]] = {
 }
 
 
-def make_method(name: str, sparsity: float, per_kv_head: bool = False) -> SparsityMethod:
-    """Build a method by name; ValueError on an unknown name or a sparsity outside [0, 1)."""
+def make_method(
+    name: str, sparsity: float, per_kv_head: bool = False, query_channels: int = 0
+) -> SparsityMethod:
+    """Build a method by name; ValueError on an unknown name, a sparsity outside [0, 1), or
+    ``query_channels`` (SWA's query-aware global selection, 0 = off) on another method."""
     if name not in METHODS:
         raise ValueError(f"unknown sparsity method {name!r}; choose one of {sorted(METHODS)}")
+    if name == SWA.name:
+        return SWA(sparsity=sparsity, per_kv_head=per_kv_head, query_channels=query_channels)
+    if query_channels:
+        raise ValueError(f"query_channels={query_channels!r} applies to swa only, not {name!r}")
     return METHODS[name](sparsity=sparsity, per_kv_head=per_kv_head)

@@ -16,7 +16,14 @@ class Dense(SparsityMethod):
 
     name = "dense"
 
-    def select(self, state: MethodState, layer_idx: int, valid: Tensor) -> Selection | None:
+    def select(
+        self,
+        state: MethodState,
+        layer_idx: int,
+        valid: Tensor,
+        q: Tensor | None = None,
+        keys: Tensor | None = None,
+    ) -> Selection | None:
         return None
 
 

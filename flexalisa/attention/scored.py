@@ -9,6 +9,7 @@ from torch import Tensor
 
 from flexalisa.attention.base import MethodState, SparsityMethod
 from flexalisa.attention.budget import half_budget, valid_positions
+from flexalisa.attention.query_aware import approx_scores
 from flexalisa.attention.scores import (
     CumulativeScores,
     Device,
@@ -37,7 +38,14 @@ class _ScoredMethod(SparsityMethod):
         """(B, Hsel, S) scores for choosing the global tokens."""
         raise NotImplementedError
 
-    def select(self, state: MethodState, layer_idx: int, valid: Tensor) -> Selection | None:
+    def select(
+        self,
+        state: MethodState,
+        layer_idx: int,
+        valid: Tensor,
+        q: Tensor | None = None,
+        keys: Tensor | None = None,
+    ) -> Selection | None:
         pos, num_valid = valid_positions(valid)
         num_local, num_global = self.budget(num_valid)
         local = recent_mask(pos, num_valid, num_local, valid)[:, None]  # (B, 1, S)
@@ -45,8 +53,16 @@ class _ScoredMethod(SparsityMethod):
         if record is None:  # no scores kept: the budget covers everything (s = 0)
             return mask_to_selection(local | valid[:, None])
         scores = self._scores(record, num_valid, valid.shape[-1])  # (B, Hsel, S)
+        if q is not None and keys is not None:
+            scores = self._query_scores(q, keys, valid, state.num_groups, scores)
         glob = top_scoring(scores, valid[:, None] & ~local, num_global)
         return mask_to_selection(local | glob)  # (B, Hsel, S) -> Selection
+
+    def _query_scores(
+        self, q: Tensor, keys: Tensor, valid: Tensor, num_groups: int, history: Tensor
+    ) -> Tensor:
+        """Scores when the step's query and keys are given; the history's by default."""
+        return history
 
     def observe(
         self, state: MethodState, layer_idx: int, probs: Tensor, sel: Selection | None
@@ -99,10 +115,33 @@ class H2O(_ScoredMethod):
         record.add(slots, weights, entry)
 
 
+@dataclass(frozen=True)
 class SWA(_ScoredMethod):
-    """ALISA's Sparse Window Attention (Algorithm 1), see the module docstring."""
+    """ALISA's Sparse Window Attention (Algorithm 1), see ``methods.py``.
+
+    ``query_channels = r > 0`` switches on the query-aware global selection (``query_aware.py``,
+    SparQ, Ribar et al., ICML 2024): when ``select`` is given the step's ``q`` and ``keys``, the
+    global tokens are the top-k by SparQ's r-channel estimate of *this* step's attention instead
+    of the windowed history. The local window is unchanged. Without q/keys (a caller that does
+    not pass them) it falls back to the paper's windowed history, which it keeps up to date, so
+    either call is valid at every step. r = 0 (the default) is the paper's form.
+    """
+
+    query_channels: int = 0  # r: query channels for the SparQ estimate; 0 = paper's form
 
     name = "swa"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.query_channels < 0:
+            raise ValueError(f"query_channels {self.query_channels!r} must be >= 0 (0 = off)")
+
+    def _query_scores(
+        self, q: Tensor, keys: Tensor, valid: Tensor, num_groups: int, history: Tensor
+    ) -> Tensor:
+        if self.query_channels == 0:
+            return history
+        return approx_scores(q, keys, valid, self.query_channels, num_groups)  # (B, Hsel, S)
 
     def init_state(
         self, batch: int, num_layers: int, num_kv_heads: int, max_len: int, device: Device = None

@@ -136,6 +136,15 @@ class WindowScores:
         """(B, Hsel, S) float64 window sums of the first S slots."""
         return self.totals[..., :num_slots]
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows`` (1-D long); every per-sequence tensor follows."""
+        self.ring_slots = self.ring_slots.index_select(0, rows)
+        self.ring_weights = self.ring_weights.index_select(0, rows)
+        self.totals = self.totals.index_select(0, rows)
+        self.live = self.live.index_select(0, rows)
+        self.window_rows = self.window_rows.index_select(0, rows)
+        # num_rows is shared by every sequence; max_window_rows stays a valid upper bound
+
 
 def top_entries(rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """A dense row's ``width`` largest weights as (slots, weights), each (..., min(S, width)).
@@ -167,3 +176,7 @@ class CumulativeScores:
     def scores(self, num_slots: int) -> Tensor:
         """(B, Hsel, S) float64 sums of the first S slots."""
         return self.totals[..., :num_slots]
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the sequences ``rows`` (1-D long)."""
+        self.totals = self.totals.index_select(0, rows)
