@@ -37,9 +37,9 @@ from flexalisa.report import RunStats, runtime_sections
 from flexalisa.runtime import OffloadRunner
 from policy import SearchSpace, search
 
-FULL = dict(hf=(16, 128, 32), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=32,
+FULL = dict(hf=(16, 128, 32), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=16,
             sparsities=(0.5, 0.8, 0.9), offload_batches=(4, 8, 16), offload_prompt=128,
-            offload_gen=32, gpu_mem=320 * 2**20, repeat=3)
+            offload_gen=16, gpu_mem=320 * 2**20, repeat=3)
 SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=4,
              sparsities=(0.5, 0.8), offload_batches=(2, 4), offload_prompt=16, offload_gen=4,
              gpu_mem=None, repeat=1)
