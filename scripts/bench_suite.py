@@ -30,14 +30,16 @@ from cost_model import HardwareProfile
 from flexalisa.attention import make_method
 from flexalisa.bench import synthetic_prompts
 from flexalisa.engine import Engine
+from flexalisa.errors import BudgetError
 from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
+from flexalisa.placement import SEARCH_RETRIES, SEARCH_SHRINK
 from flexalisa.plots import render_all
 from flexalisa.report import RunStats, runtime_sections
 from flexalisa.runtime import OffloadRunner
 from policy import SearchSpace, search
 
-FULL = dict(hf=(16, 128, 32), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=16,
+FULL = dict(hf=(32, 128, 64), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=16,
             sparsities=(0.5, 0.8, 0.9), offload_batches=(4, 8, 16), offload_prompt=128,
             offload_gen=16, gpu_mem=320 * 2**20, repeat=3)
 SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=4,
@@ -114,6 +116,22 @@ def sparse_vs_dense(weights, sizes: dict, peak: float) -> list[dict]:
     return rows
 
 
+def fitting_search(weights, hw: HardwareProfile, prompts, gen_len: int, space: SearchSpace):
+    """The search's best policy whose runtime memory plan fits the budget: like `generate
+    --gpu-mem`, search again with less device memory while the runtime's plan does not fit."""
+    budget = hw.gpu_mem_bytes
+    for _ in range(SEARCH_RETRIES):
+        result = search(weights.spec, hw, len(prompts[0]), gen_len, space)
+        runner = OffloadRunner(weights, result.policy, gpu_mem_bytes=budget)
+        try:
+            runner.plan(prompts, [gen_len] * len(prompts))
+            return result, runner
+        except BudgetError:
+            runner.close()
+            hw = hw.with_memory(int(hw.gpu_mem_bytes * SEARCH_SHRINK))
+    raise BudgetError(f"no searched policy fits {budget} bytes after {SEARCH_RETRIES} tries")
+
+
 def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[dict], dict]:
     rows, last_report = [], {}
     prompt_len, gen_len = sizes["offload_prompt"], sizes["offload_gen"]
@@ -123,8 +141,7 @@ def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[di
         prompts = synthetic_prompts(weights.spec.vocab_size, batch, prompt_len, seed=2)
         for label, space in spaces.items():
             space = SearchSpace(**{**space.__dict__, "batch_sizes": (batch,)})
-            result = search(weights.spec, hw, prompt_len, gen_len, space)
-            runner = OffloadRunner(weights, result.policy, gpu_mem_bytes=hw.gpu_mem_bytes)
+            result, runner = fitting_search(weights, hw, prompts, gen_len, space)
             runs = timed(lambda r=runner, p=prompts: r.generate(p, gen_len, ignore_eos=True),
                          sizes["repeat"])
             runner.close()
@@ -182,19 +199,25 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                      "command": "python scripts/bench_suite.py " + " ".join(argv or sys.argv[1:]),
                      "model": str(model_path), "gemm_peak_flops": peak}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section, so a failure later keeps what was measured
+        results["wall_s"] = time.perf_counter() - started
+        (args.out / "bench_suite.json").write_text(json.dumps(results, indent=2) + "\n")
+
     if "dense_vs_hf" in sections:
         print("section 1: dense vs HF transformers", file=sys.stderr)
         results["dense_vs_hf"] = dense_vs_hf(model_path, weights, sizes, peak)
+        save()
     if "sparse_vs_dense" in sections:
         print("section 2: SWA vs dense", file=sys.stderr)
         results["sparse_vs_dense"] = sparse_vs_dense(weights, sizes, peak)
+        save()
     report: dict = {}
     if "alisa_vs_flexgen" in sections:
         print("section 3: ALISA vs FlexGen-style policy under one budget", file=sys.stderr)
         results["alisa_vs_flexgen"], report = alisa_vs_flexgen(weights, sizes, hw)
-    results["wall_s"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_suite.json").write_text(json.dumps(results, indent=2) + "\n")
+    save()
     (args.out / "bench_suite.md").write_text(markdown(results))
     written, _ = render_all({**report, "runs": results.get("alisa_vs_flexgen", [])}, args.out)
     print(markdown(results))
