@@ -7,7 +7,6 @@ the result is the median of each FlexGen throughput, with min and max, as one JS
 
 from __future__ import annotations
 
-import statistics
 import sys
 from dataclasses import asdict, dataclass
 
@@ -15,7 +14,7 @@ import torch
 
 from flexalisa.errors import FlexalisaError
 from flexalisa.models.weights import ModelWeights
-from flexalisa.report import RunStats
+from flexalisa.report import RunStats, summarize_runs
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,6 @@ def run_bench(cfg: BenchConfig, generator) -> dict:
         print(f"run {i + 1}/{cfg.repeat}: {stats.summary_line()}", file=sys.stderr)
     result = {k: v for k, v in asdict(cfg).items()}
     result["model_name"] = spec.name
-    for key in ("prefill_tok_s", "decode_tok_s", "total_tok_s"):
-        values = [getattr(r, key) for r in runs]
-        result[key] = statistics.median(values)
-        result[key + "_min"], result[key + "_max"] = min(values), max(values)
-    result["elapsed_s"] = statistics.median(r.prefill_s + r.decode_s for r in runs)
+    result.update(summarize_runs(runs))
     result["extras"] = res.extras
     return result

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,26 @@ class RunStats:
                 f"{self.prefill_s + self.decode_s:.2f} s | throughput tok/s: "
                 f"prefill {self.prefill_tok_s:.1f}, decode {self.decode_tok_s:.1f}, "
                 f"total {self.total_tok_s:.1f}")
+
+
+def summarize_runs(runs: list[RunStats]) -> dict:
+    """Median of each FlexGen throughput over repeated runs, with `_min` / `_max`, and the
+    median elapsed seconds."""
+    out: dict = {}
+    for key in ("prefill_tok_s", "decode_tok_s", "total_tok_s"):
+        values = [getattr(r, key) for r in runs]
+        out[key] = statistics.median(values)
+        out[key + "_min"], out[key + "_max"] = min(values), max(values)
+    out["elapsed_s"] = statistics.median(r.prefill_s + r.decode_s for r in runs)
+    return out
+
+
+def timing_stats(batch: int, prompt_len: int, gen_len: int, prefill_s: float,
+                 decode_s: float) -> RunStats:
+    """RunStats of one fixed-shape run (every row: prompt_len in, gen_len out)."""
+    stats = RunStats()
+    stats.add(batch, batch * prompt_len, batch * gen_len, prefill_s, decode_s)
+    return stats
 
 
 def write_report(out_dir: Path, report: dict) -> tuple[Path, Path]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
 from flexalisa.placement import SEARCH_RETRIES, SEARCH_SHRINK
 from flexalisa.plots import render_all
-from flexalisa.report import RunStats, runtime_sections
+from flexalisa.report import RunStats, runtime_sections, summarize_runs, timing_stats
 from flexalisa.runtime import OffloadRunner
 from policy import SearchSpace, search
 
@@ -54,23 +53,14 @@ def timed(fn, repeat: int) -> list[dict]:
     for _ in range(repeat):
         res = fn()
         runs.append({"prefill_s": res.prefill_s, "decode_s": res.decode_s,
-                     "extras": res.extras, "tokens": sum(len(t) for t in res.tokens)})
+                     "extras": res.extras})
     return runs
 
 
 def summarize(runs: list[dict], batch: int, prompt_len: int, gen_len: int) -> dict:
     row = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": len(runs)}
-    stats = []
-    for r in runs:
-        s = RunStats()
-        s.add(batch, batch * prompt_len, r.get("tokens", batch * gen_len), r["prefill_s"],
-              r["decode_s"])
-        stats.append(s)
-    for key in ("prefill_tok_s", "decode_tok_s", "total_tok_s"):
-        values = [getattr(s, key) for s in stats]
-        row[key] = statistics.median(values)
-        row[key + "_min"], row[key + "_max"] = min(values), max(values)
-    row["elapsed_s"] = statistics.median(r["prefill_s"] + r["decode_s"] for r in runs)
+    row.update(summarize_runs([timing_stats(batch, prompt_len, gen_len, r["prefill_s"],
+                                            r["decode_s"]) for r in runs]))
     return row
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -22,6 +21,7 @@ from flexalisa.bench import synthetic_prompts
 from flexalisa.engine import Engine
 from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import gemm_peak_flops, load_hf_model, time_hf, workload_flops
+from flexalisa.report import summarize_runs, timing_stats
 
 
 def time_ours(engine: Engine, prompts: list[list[int]], gen_len: int) -> dict:
@@ -31,14 +31,8 @@ def time_ours(engine: Engine, prompts: list[list[int]], gen_len: int) -> dict:
 
 
 def summarize(runs: list[dict], batch: int, prompt_len: int, gen_len: int) -> dict:
-    totals = [batch * gen_len / (r["prefill_s"] + r["decode_s"]) for r in runs]
-    return {
-        "total_tok_s": statistics.median(totals),
-        "total_tok_s_min": min(totals), "total_tok_s_max": max(totals),
-        "prefill_tok_s": statistics.median(batch * prompt_len / r["prefill_s"] for r in runs),
-        "decode_tok_s": statistics.median(batch * (gen_len - 1) / r["decode_s"] for r in runs),
-        "elapsed_s": statistics.median(r["prefill_s"] + r["decode_s"] for r in runs),
-    }
+    return summarize_runs([timing_stats(batch, prompt_len, gen_len, r["prefill_s"],
+                                        r["decode_s"]) for r in runs])
 
 
 def compare(model_path, batch: int, prompt_len: int, gen_len: int, repeat: int) -> dict:
