@@ -158,3 +158,27 @@ def runtime_sections(extras: dict | None, policy, prediction, stats: RunStats) -
             if measured else None,
         }
     return sections
+
+
+def kv_memory_per_step(spec, policy, prompt_len: int, gen_len: int, batch: int,
+                       phase2_start_step: int, phase3_start_step: int,
+                       dtype_bytes: int = 4) -> list[dict]:
+    """Bytes each KV tier holds after every step, from the tier plan the runtime executed
+    (the same `plan_tiers` call, with the phase starts it resolved), over all layers and rows.
+
+    GPU and CPU tiers hold K and V; the recompute tier holds the layer-input hidden states.
+    CPU-tier compression is counted at its code width (int8: 1 byte, int4: half a byte).
+    """
+    from flexalisa.schedule import TierPlanConfig, plan_tiers
+
+    plan = plan_tiers(TierPlanConfig(
+        prompt_len, gen_len, policy.kv_gpu_share, policy.kv_cpu_share,
+        policy.kv_recompute_share, phase2_start_step, phase3_start_step))
+    cpu_bytes = {"none": dtype_bytes, "int8": 1, "int4": 0.5}[policy.kv_compression]
+    per_token = spec.num_layers * batch
+    return [{"step": s.step_idx,
+             "gpu": (s.gpu.end - s.gpu.start) * per_token * spec.kv_numel_per_token * dtype_bytes,
+             "cpu": (s.cpu.end - s.cpu.start) * per_token * spec.kv_numel_per_token * cpu_bytes,
+             "recompute": (s.recompute.end - s.recompute.start) * per_token
+             * spec.hidden_numel_per_token * dtype_bytes}
+            for s in plan.steps]

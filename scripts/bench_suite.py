@@ -34,7 +34,13 @@ from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
 from flexalisa.placement import SEARCH_RETRIES, SEARCH_SHRINK
 from flexalisa.plots import render_all
-from flexalisa.report import RunStats, runtime_sections, summarize_runs, timing_stats
+from flexalisa.report import (
+    RunStats,
+    kv_memory_per_step,
+    runtime_sections,
+    summarize_runs,
+    timing_stats,
+)
 from flexalisa.runtime import OffloadRunner
 from policy import SearchSpace, search
 
@@ -144,6 +150,10 @@ def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[di
             if label == "alisa":
                 stats = RunStats(extras={})
                 last_report = runtime_sections(runs[-1]["extras"], result.policy, None, stats)
+                extras = runs[-1]["extras"]
+                last_report["memory_per_step"] = kv_memory_per_step(
+                    weights.spec, result.policy, prompt_len, gen_len, batch,
+                    extras["phase2_start_step"], extras["phase3_start_step"])
     return rows, last_report
 
 

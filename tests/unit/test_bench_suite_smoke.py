@@ -32,5 +32,6 @@ def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
     assert {r["label"] for r in offload} == {"alisa", "flexgen"}
     assert all(r["predicted_total_tok_s"] > 0 for r in offload)
     assert "## alisa_vs_flexgen" in (tmp_path / "bench_suite.md").read_text()
-    for png in ("throughput_vs_batch.png", "predicted_vs_measured.png"):
+    for png in ("throughput_vs_batch.png", "predicted_vs_measured.png", "time_breakdown.png",
+                "memory_per_step.png"):
         assert (tmp_path / png).stat().st_size > 10_000
