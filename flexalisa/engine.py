@@ -206,10 +206,9 @@ class Engine:
         step with the number of tokens just produced, for progress bars.
         """
         sampling = sampling or SamplingParams()
-        limits = _per_row(max_new_tokens, len(prompts))
+        limits = row_limits(max_new_tokens, prompts, self.spec.max_seq_len)
         ids, valid = left_pad(prompts, self.spec.pad_token_id or 0)
         length = ids.shape[1]
-        limits = [min(n, self.spec.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
         cache = KVCache(self.spec, len(prompts), length + max(limits), self.device, self.dtype)
         state = self.new_method_state(len(prompts), cache.max_len)
         gens = row_generators(sampling, row_keys or [str(i) for i in range(len(prompts))])
@@ -255,8 +254,14 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
-def _per_row(max_new_tokens: int | list[int], batch: int) -> list[int]:
+def row_limits(max_new_tokens: int | list[int], prompts: list[list[int]],
+               max_seq_len: int) -> list[int]:
+    """Tokens each row may generate: its requested limit, cut at the end of the context."""
+    batch = len(prompts)
     limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != batch or any(n < 1 for n in limits):
         raise ValueError(f"max_new_tokens must be >= 1 for each of {batch} prompts: {limits}")
+    limits = [min(n, max_seq_len - len(p)) for n, p in zip(limits, prompts)]
+    if any(n < 1 for n in limits):
+        raise ValueError(f"a prompt leaves no room in the {max_seq_len}-token context to generate")
     return limits

@@ -29,7 +29,7 @@ import torch
 
 from cost_model.units import parse_bytes
 from flexalisa.attention import make_method
-from flexalisa.engine import GenerationResult, _per_row, default_dtype
+from flexalisa.engine import GenerationResult, default_dtype, row_limits
 from flexalisa.models.family import family_of
 from flexalisa.models.weights import ModelWeights
 from flexalisa.runtime.batch import BatchState, make_batch
@@ -122,11 +122,7 @@ class OffloadRunner:
                  on_logits: LogitsHook | None = None) -> GenerationResult:
         """As ``Engine.generate``; ``on_logits(step_idx, rows, logits (b, V))`` sees each
         step's float32 logits per GPU batch (``rows``: prompt index per row, None = filler)."""
-        limits = _per_row(max_new_tokens, len(prompts))
-        limits = [min(n, self.spec.max_seq_len - len(p)) for n, p in zip(limits, prompts)]
-        if any(n < 1 for n in limits):
-            raise ValueError(f"a prompt leaves no room in the {self.spec.max_seq_len}-token "
-                             "context to generate")
+        limits = row_limits(max_new_tokens, prompts, self.spec.max_seq_len)
         eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device.torch_device)
         request = Request(prompts, limits, row_keys or [str(i) for i in range(len(prompts))],
                           Sampler(sampling or SamplingParams(), eos, ignore_eos, on_tokens,
