@@ -19,11 +19,12 @@ Time model (used by ``cost_model.timing``), per operation::
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from cost_model.jsonio import dataclass_from_dict, dataclass_to_dict, load_json, save_json
 
 SKINNY_ROWS = 256  # GEMMs with fewer rows (tokens) than this use the decode-like rate
 
@@ -100,20 +101,14 @@ class HardwareProfile:
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HardwareProfile:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown HardwareProfile fields: {sorted(unknown)}")
-        d = dict(d)
-        d["gemm_flops_table"] = tuple((int(r), int(k), float(f))
-                                      for r, k, f in d.get("gemm_flops_table", ()))
-        return cls(**d)
+        return dataclass_from_dict(cls, d, convert={"gemm_flops_table": _table_from_json})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> HardwareProfile:
@@ -127,11 +122,7 @@ class HardwareProfile:
         if not path.is_file():
             raise ValueError(f"hardware {str(name_or_path)!r} is neither a preset "
                              f"({', '.join(sorted(HARDWARE_PRESETS))}) nor a profile JSON file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"hardware profile {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(path, "hardware profile {path!r} is not valid JSON: {exc}"))
 
     @classmethod
     def measure(cls, gpu_mem_bytes: int | None = None, cpu_mem_bytes: int | None = None,
@@ -141,6 +132,11 @@ class HardwareProfile:
 
         return measure_profile(gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes,
                                budget_s=budget_s, threads=threads)
+
+
+def _table_from_json(table: Any) -> tuple[tuple[int, int, float], ...]:
+    """``gemm_flops_table`` from JSON lists to (rows, inner dim, FLOP/s) tuples."""
+    return tuple((int(r), int(k), float(f)) for r, k, f in table)
 
 
 def _interp(points: list[tuple[float, float]], x: float) -> float:

@@ -14,8 +14,10 @@ Two families are supported:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from cost_model.jsonio import dataclass_from_dict, dataclass_to_dict
 
 FAMILIES = ("opt", "llama")
 
@@ -122,17 +124,8 @@ class ModelSpec:
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["eos_token_ids"] = list(self.eos_token_ids)
-        return d
+        return dataclass_to_dict(self, convert={"eos_token_ids": list})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelSpec fields: {sorted(unknown)}")
-        d = dict(d)
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
-        return cls(**d)
+        return dataclass_from_dict(cls, d, convert={"eos_token_ids": tuple})

@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from flexalisa.cli_flags import add_sparsity_flags
 from flexalisa.errors import FlexalisaError
 from flexalisa.sampling import SamplingParams
 
@@ -30,7 +31,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --gen-len tokens")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the model's chat template (instruct models)")
-    _add_sparsity_flags(p)
+    add_sparsity_flags(p)
     _add_placement_flags(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -45,19 +46,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args))
     run_generate(cfg, command=args.command_line)
     return 0
-
-
-def _add_sparsity_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sparsity-method", default="dense",
-                   choices=["dense", "swa", "h2o", "local", "strided", "sinks"],
-                   help="which cached tokens each decode step attends to (default dense)")
-    p.add_argument("--sparsity", type=float, default=0.0,
-                   help="KV sparsity s in [0, 1): share of cached tokens not read per step")
-    p.add_argument("--per-kv-head", action="store_true",
-                   help="score and select per KV head (swa, h2o)")
-    p.add_argument("--query-channels", type=int, default=0,
-                   help="swa only: choose global tokens from the current query's top-r channels "
-                        "(SparQ-style; 0 = the paper's attention-history form)")
 
 
 def _add_placement_flags(p: argparse.ArgumentParser) -> None:
@@ -108,7 +96,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", type=Path, default=None,
                    help="also write report.json / report.md into this directory")
-    _add_sparsity_flags(p)
+    add_sparsity_flags(p)
     _add_placement_flags(p)
     p.set_defaults(func=_cmd_bench)
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from flexalisa.attention import SparsityMethod, make_method
 from flexalisa.attention.mixed import RowMix
 from flexalisa.cache import KVCache
+from flexalisa.cli_flags import add_sparsity_flags
 from flexalisa.engine import Engine
 from flexalisa.errors import FlexalisaError
 from flexalisa.models import Tokenizer, load_model
@@ -190,6 +191,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     }
 
 
+_SPARSITY_HELP = {  # eval's own wording of the shared sparsity flags
+    "method": "dense, swa, h2o, local, strided or sinks",
+    "sparsity": "KV sparsity s in [0, 1)",
+    "per_kv_head": "select per KV head",
+    "query_channels": "swa only: query-aware global selection from r query channels (SparQ)",
+}
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``eval`` subcommand (sets ``func``)."""
     p = subparsers.add_parser("eval", help="teacher-forced perplexity of a KV sparsity method")
@@ -197,13 +206,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="HF checkpoint dir or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--text", type=Path, default=None,
                    help="UTF-8 text file (default: the stdlib's pydoc_data/topics.py text)")
-    p.add_argument("--method", default="swa", help="dense, swa, h2o, local, strided or sinks")
-    p.add_argument("--sparsity", type=float, default=0.8, help="KV sparsity s in [0, 1)")
+    add_sparsity_flags(p, "--method", method_default="swa", method_choices=None,
+                       sparsity_default=0.8, help_text=_SPARSITY_HELP)
     p.add_argument("--context", type=int, default=1024, help="tokens per segment")
     p.add_argument("--prefill", type=int, default=64, help="dense prompt tokens per segment")
-    p.add_argument("--per-kv-head", action="store_true", help="select per KV head")
-    p.add_argument("--query-channels", type=int, default=0,
-                   help="swa only: query-aware global selection from r query channels (SparQ)")
     p.add_argument("--segments", type=int, default=2, help="text segments, run as batch rows")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_cmd_eval)

@@ -16,11 +16,12 @@ means the phase never begins.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cost_model.jsonio import dataclass_from_dict, dataclass_to_dict, load_json, save_json
 
 SHARE_TOLERANCE = 1e-6  # |sum of a share group - 1| allowed
 SPARSITY_METHODS = ("dense", "swa", "h2o", "local", "strided", "sinks")
@@ -115,24 +116,18 @@ class Policy:
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown Policy fields: {sorted(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read policy {str(path)!r}: {exc}") from None
+        data = load_json(path, "cannot read policy {path!r}: {exc}")
         if isinstance(data, dict) and isinstance(data.get("policy"), dict):
             data = data["policy"]  # a `python -m policy search` result file
         if not isinstance(data, dict):

@@ -1,6 +1,6 @@
 """The benchmark suite: every figure of the README's Results section, from one run on one machine.
 
-    python scripts/bench_suite.py [--out results] [--smoke] [--model PATH]
+    python scripts/bench_suite.py [--out results] [--smoke] [--model PATH] [--hardware HW.json]
 
 Sections (each a list of rows in results/bench_suite.json, a table in results/bench_suite.md):
   1. dense_vs_hf      flexalisa's engine vs HF transformers `generate`, same model and workload
@@ -12,6 +12,8 @@ Sections (each a list of rows in results/bench_suite.json, a table in results/be
 Plots (results/*.png): throughput vs batch per policy, predicted vs measured, and the time
 breakdown / KV memory of the last ALISA run. Every throughput is a median of --repeat runs after
 a warm-up, with min and max. `--smoke` shrinks every size so the whole suite runs in ~1 minute.
+The hardware profile the searches and rooflines used is written to results/hardware.json;
+`--hardware results/hardware.json` reruns the suite with the same policies.
 """
 
 from __future__ import annotations
@@ -186,20 +188,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, ~1 minute")
     p.add_argument("--sections", default="dense_vs_hf,sparse_vs_dense,alisa_vs_flexgen")
+    p.add_argument("--hardware", default=None,
+                   help="a saved profile (e.g. a previous run's results/hardware.json) instead "
+                        "of measuring one; fixes the policies the searches pick")
     args = p.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
     model_path = args.model or default_model_path()
     weights, _ = load_model(model_path)
-    print("measuring this machine's profile...", file=sys.stderr)
-    hw = HardwareProfile.measure(gpu_mem_bytes=sizes["gpu_mem"], budget_s=5 if args.smoke else 15)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.hardware:  # a saved profile: the searches pick the same policies as in its run
+        hw = HardwareProfile.load(args.hardware)
+        if sizes["gpu_mem"] is not None:
+            hw = hw.with_memory(sizes["gpu_mem"])
+    else:
+        print("measuring this machine's profile...", file=sys.stderr)
+        hw = HardwareProfile.measure(gpu_mem_bytes=sizes["gpu_mem"],
+                                     budget_s=5 if args.smoke else 15)
+    hw.save(args.out / "hardware.json")
     peak = hw.gpu_gemm_flops_per_s  # measured best GEMM rate of the stand-in device (CPU)
     sections = args.sections.split(",")
     results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''} "
                                 f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                      "command": "python scripts/bench_suite.py " + " ".join(argv or sys.argv[1:]),
                      "model": str(model_path), "gemm_peak_flops": peak}
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every section, so a failure later keeps what was measured
         results["wall_s"] = time.perf_counter() - started

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cost_model.spec import ModelSpec
+from flexalisa.models.linear import kv_rows, linear
 from flexalisa.models.weights import LayerWeights
 
 
@@ -61,7 +62,7 @@ def qkv(spec: ModelSpec, w: LayerWeights, x: Tensor, rope: Rope
         ) -> tuple[Tensor, Tensor, Tensor]:
     """Layer input (B, T, H) -> q (B, Hq, T, D), k and v (B, Hkv, T, D), RoPE applied."""
     h = rms_norm(x, w["attn_norm_w"], spec.norm_eps)
-    q, k, v = F.linear(h, w["wqkv"]).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+    q, k, v = linear(h, w["wqkv"]).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
     q = apply_rope(_split_heads(q, spec.num_heads, spec.head_dim), rope.cos, rope.sin)
     k = apply_rope(_split_heads(k, spec.num_kv_heads, spec.head_dim), rope.cos, rope.sin)
     return q, k, _split_heads(v, spec.num_kv_heads, spec.head_dim)
@@ -71,7 +72,7 @@ def kv_from_hidden(spec: ModelSpec, w: LayerWeights, x: Tensor, rope: Rope
                    ) -> tuple[Tensor, Tensor]:
     """Recompute K (RoPE'd at the tokens' positions), V (B, Hkv, T, D) from layer inputs."""
     h = rms_norm(x, w["attn_norm_w"], spec.norm_eps)
-    k, v = F.linear(h, w["wqkv"][spec.q_dim:]).split([spec.kv_dim, spec.kv_dim], dim=-1)
+    k, v = kv_rows(h, w["wqkv"], None, spec.q_dim).split([spec.kv_dim, spec.kv_dim], dim=-1)
     k = apply_rope(_split_heads(k, spec.num_kv_heads, spec.head_dim), rope.cos, rope.sin)
     return k, _split_heads(v, spec.num_kv_heads, spec.head_dim)
 
@@ -80,12 +81,12 @@ def finish_layer(spec: ModelSpec, w: LayerWeights, x: Tensor, attn: Tensor) -> T
     """Residual x (B, T, H) and attention output (B, Hq, T, D) -> layer output (B, T, H)."""
     batch, _, length, _ = attn.shape
     attn = attn.transpose(1, 2).reshape(batch, length, spec.q_dim)  # (B, T, Q)
-    x = x + F.linear(attn, w["wo"])
+    x = x + linear(attn, w["wo"])
     h = rms_norm(x, w["mlp_norm_w"], spec.norm_eps)
-    gate, up = F.linear(h, w["w_gate_up"]).chunk(2, dim=-1)  # (B, T, F) each
-    return x + F.linear(F.silu(gate) * up, w["w_down"])
+    gate, up = linear(h, w["w_gate_up"]).chunk(2, dim=-1)  # (B, T, F) each
+    return x + linear(F.silu(gate) * up, w["w_down"])
 
 
 def logits(spec: ModelSpec, g: dict[str, Tensor], x: Tensor) -> Tensor:
     """Final hidden (B, T, H) -> logits (B, T, V) in float32."""
-    return F.linear(rms_norm(x, g["final_norm_w"], spec.norm_eps), g["lm_head"]).float()
+    return linear(rms_norm(x, g["final_norm_w"], spec.norm_eps), g["lm_head"]).float()

@@ -27,7 +27,7 @@ from cost_model.units import format_bytes
 from flexalisa.errors import BudgetError
 from flexalisa.kv import KVStoreConfig
 from flexalisa.models.weights import ModelWeights
-from flexalisa.runtime.weights import WeightLayout, compressed_layer_bytes
+from flexalisa.runtime.weights import WeightLayout, compressed_layer_bytes, globals_bytes
 from flexalisa.schedule import DoesNotFit, Tier, TierPlan, TierPlanConfig, plan_tiers
 from policy.policy import Policy
 
@@ -67,13 +67,12 @@ def _layer_bytes(weights: ModelWeights, j: int, compressed: bool, dtype: torch.d
 
 
 def fixed_bytes(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo,
-                dtype: torch.dtype) -> tuple[int, int]:
+                dtype: torch.dtype, device_type: str = "cpu") -> tuple[int, int]:
     """(device, host) bytes of a block other than its KV stores."""
     spec, elt = weights.spec, _elt(dtype)
     layout = WeightLayout.from_share(policy.weights_gpu_share, spec.num_layers,
                                      policy.weight_compression == "int4")
-    unique = {id(t): t for t in weights.globals.values()}.values()
-    gpu = sum(t.numel() for t in unique) * elt
+    gpu = globals_bytes(weights.globals, torch.device(device_type), dtype)
     layer_bytes = [_layer_bytes(weights, j, layout.compressed, dtype)
                    for j in range(spec.num_layers)]
     gpu += sum(layer_bytes[:layout.num_resident_layers])
@@ -138,9 +137,10 @@ def _plan(policy: Policy, shape: BlockShapeInfo, gpu_cap: int | None,
 
 
 def try_block(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dtype: torch.dtype,
-              gpu_mem_bytes: int | None, cpu_mem_bytes: int | None) -> BlockMemory | str:
+              gpu_mem_bytes: int | None, cpu_mem_bytes: int | None,
+              device_type: str = "cpu") -> BlockMemory | str:
     """The block's memory plan, or a one-line reason it does not fit."""
-    gpu_fixed, cpu_fixed = fixed_bytes(weights, policy, shape, dtype)
+    gpu_fixed, cpu_fixed = fixed_bytes(weights, policy, shape, dtype, device_type)
     per_token = _per_token(weights, policy, shape, dtype)
     for name, budget, fixed in (("device", gpu_mem_bytes, gpu_fixed),
                                 ("host", cpu_mem_bytes, cpu_fixed)):
@@ -163,34 +163,35 @@ def try_block(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dtyp
 
 
 def plan_block(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dtype: torch.dtype,
-               gpu_mem_bytes: int | None, cpu_mem_bytes: int | None) -> BlockMemory:
+               gpu_mem_bytes: int | None, cpu_mem_bytes: int | None,
+               device_type: str = "cpu") -> BlockMemory:
     """``try_block``, raising ``BudgetError`` with what would fit when it does not."""
-    result = try_block(weights, policy, shape, dtype, gpu_mem_bytes, cpu_mem_bytes)
+    result = try_block(weights, policy, shape, dtype, gpu_mem_bytes, cpu_mem_bytes, device_type)
     if isinstance(result, BlockMemory):
         return result
-    hint = _what_fits(weights, policy, shape, dtype, gpu_mem_bytes, cpu_mem_bytes)
+    hint = _what_fits(weights, policy, shape, dtype, gpu_mem_bytes, cpu_mem_bytes, device_type)
     raise BudgetError(f"policy does not fit: {result}. {hint}")
 
 
 def _what_fits(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dtype: torch.dtype,
-               gpu_mem_bytes: int | None, cpu_mem_bytes: int | None) -> str:
+               gpu_mem_bytes: int | None, cpu_mem_bytes: int | None, device_type: str) -> str:
     """Hints: the unbudgeted need, a smaller gpu batch, or streaming every layer."""
-    unlimited = try_block(weights, policy, shape, dtype, None, None)
+    unlimited = try_block(weights, policy, shape, dtype, None, None, device_type)
     assert isinstance(unlimited, BlockMemory)
     hints = [f"Without budgets this policy reserves {format_bytes(unlimited.gpu_bytes)} on the "
              f"device and {format_bytes(unlimited.cpu_bytes)} on the host"]
     batch = shape.gpu_batch_size // 2
     while batch >= 1:
         smaller = BlockShapeInfo(batch, shape.num_gpu_batches, shape.prompt_len, shape.num_steps)
-        if isinstance(try_block(weights, policy, smaller, dtype, gpu_mem_bytes, cpu_mem_bytes),
-                      BlockMemory):
+        if isinstance(try_block(weights, policy, smaller, dtype, gpu_mem_bytes, cpu_mem_bytes,
+                                device_type), BlockMemory):
             hints.append(f"gpu_batch_size={batch} fits these budgets")
             return "; ".join(hints) + "."
         batch //= 2
     streamed = replace(policy, weights_gpu_share=0.0, weights_cpu_share=1.0, act_gpu_share=0.0,
                        act_cpu_share=1.0)
-    if isinstance(try_block(weights, streamed, shape, dtype, gpu_mem_bytes, cpu_mem_bytes),
-                  BlockMemory):
+    if isinstance(try_block(weights, streamed, shape, dtype, gpu_mem_bytes, cpu_mem_bytes,
+                            device_type), BlockMemory):
         hints.append("weights_gpu_share=0 and act_gpu_share=0 (stream every layer) fit")
     else:
         hints.append("no smaller gpu batch fits; move KV to the CPU tier or recompute, or raise "
@@ -199,7 +200,7 @@ def _what_fits(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dty
 
 
 def gpu_budget_for(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo,
-                   dtype: torch.dtype, gpu_capacity_tokens: int) -> int:
+                   dtype: torch.dtype, gpu_capacity_tokens: int, device_type: str = "cpu") -> int:
     """The device budget that leaves exactly ``gpu_capacity_tokens`` GPU-tier slots per store."""
-    gpu_fixed, _ = fixed_bytes(weights, policy, shape, dtype)
+    gpu_fixed, _ = fixed_bytes(weights, policy, shape, dtype, device_type)
     return gpu_fixed + gpu_capacity_tokens * _per_token(weights, policy, shape, dtype)[Tier.GPU]

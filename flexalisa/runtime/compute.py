@@ -62,16 +62,22 @@ class FetchedSelection:
 def prefill_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any, mask: Tensor,
                   valid: Tensor, state: MethodState, layer_idx: int
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """x (B, T, H) -> (layer output, k, v (B, Hkv, T, D)); seeds the method's scores."""
+    """x (B, T, H) -> (layer output, k, v (B, Hkv, T, D)); seeds the method's scores.
+
+    The last layer's output is computed for the last position only (B, 1, H), as the Engine
+    does: only it feeds the logits, and its K, V are computed for every position.
+    """
     spec, fam = ctx.spec, ctx.fam
     with ctx.times.section("linear"):
         q, k, v = fam.qkv(spec, w, x, pos)
-    with ctx.times.section("attention"):
-        attn = dense_attention(q, k, v, mask)
     if ctx.method.needs_scores:  # the scores the Engine seeds from, computed as it does
         with ctx.times.section("selection"):
             probs = attention_probs(q, k, mask)  # (B, Hq, T, T)
             ctx.method.observe_prefill(state, layer_idx, probs, valid)
+    if layer_idx == spec.num_layers - 1:
+        q, x, mask = q[:, :, -1:], x[:, -1:], mask[:, -1:]
+    with ctx.times.section("attention"):
+        attn = dense_attention(q, k, v, mask)
     with ctx.times.section("linear"):
         out = fam.finish_layer(spec, w, x, attn)
     return out, k, v

@@ -104,7 +104,8 @@ class OffloadRunner:
             rows = list(range(start, min(start + per_block, len(prompts))))
             shape = self._shape(prompts, rows, limits, batch)
             out.append((rows, plan_block(self.weights_in, self.policy, shape, self.dtype,
-                                         self.gpu_mem_bytes, self.cpu_mem_bytes)))
+                                         self.gpu_mem_bytes, self.cpu_mem_bytes,
+                                         self.device.torch_device.type)))
         return out
 
     def _block_ops(self, num_steps: int) -> list[BlockOp]:
@@ -147,7 +148,8 @@ class OffloadRunner:
         if memory is None:
             shape = self._shape(request.prompts, rows, request.limits, gpu_batch_size)
             memory = plan_block(self.weights_in, self.policy, shape, self.dtype,
-                                self.gpu_mem_bytes, self.cpu_mem_bytes)
+                                self.gpu_mem_bytes, self.cpu_mem_bytes,
+                                self.device.torch_device.type)
         try:
             return self._run_block(rows, memory, request, totals)
         except Exception as exc:  # only an out-of-memory error is retried; the rest re-raises

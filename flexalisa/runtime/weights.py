@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flexalisa.kv.quant import QTensor, dequantize, quantize
+from flexalisa.models.linear import PACKED_KEYS, can_pack, pack_tensor
 from flexalisa.models.weights import LayerWeights, ModelWeights
 from flexalisa.runtime.device import Device
 
@@ -66,6 +67,16 @@ def layer_stored_bytes(layer: dict[str, StoredTensor]) -> int:
     return sum(stored_bytes(t) for t in layer.values())
 
 
+def globals_bytes(g: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> int:
+    """Device bytes of the globals as ``WeightStore`` holds them: tied tensors once, except a
+    tied ``lm_head`` that gets its own oneDNN-packed copy (fp32 on CPU)."""
+    unique = {id(t): t for t in g.values()}.values()
+    total = sum(t.numel() for t in unique)
+    if can_pack(device, dtype) and g.get("lm_head") is not None and g["lm_head"] is g.get("embed"):
+        total += g["lm_head"].numel()
+    return total * torch.empty((), dtype=dtype).element_size()
+
+
 def compressed_layer_bytes(layer: LayerWeights, dtype: torch.dtype) -> int:
     """Bytes a layer takes stored as INT4 (without building it): for budgets."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -86,11 +97,15 @@ class WeightStore:
                  dtype: torch.dtype) -> None:
         self.layout, self.device, self.dtype = layout, device, dtype
         compute = device.torch_device
+        # fp32 on CPU: uncompressed matrices are used oneDNN-packed (flexalisa.models.linear)
+        self.packed = can_pack(compute, dtype)
         self.globals = {k: v.to(compute, dtype if v.is_floating_point() else None)
                         for k, v in weights.globals.items()}
         if "lm_head" in weights.globals and weights.globals["lm_head"] is weights.globals.get(
                 "embed"):
             self.globals["lm_head"] = self.globals["embed"]  # keep tied tensors tied
+        if self.packed:
+            self.globals = {k: pack_tensor(k, v) for k, v in self.globals.items()}
         self.layers: list[dict[str, StoredTensor]] = [
             self._home(layer, layout.resident(j)) for j, layer in enumerate(weights.layers)]
 
@@ -101,9 +116,11 @@ class WeightStore:
             if self.layout.compressed and t.dim() == 2:
                 q = quantize(t, 4, int4_group_size(t.shape[1]))
                 out[name] = q.to(self.device.torch_device) if resident else _host_q(q, self.device)
+            elif resident:
+                t = t.to(self.device.torch_device)
+                out[name] = pack_tensor(name, t) if self.packed else t
             else:
-                out[name] = (t.to(self.device.torch_device) if resident else
-                             t if t.device.type == "cpu" and not self.device.pin
+                out[name] = (t if t.device.type == "cpu" and not self.device.pin
                              else self.device.to_host(t))
         return out
 
@@ -127,8 +144,12 @@ class WeightStore:
             if isinstance(t, QTensor):
                 on_device = t.to(self.device.torch_device, non_blocking=self.device.pin)
                 out[name] = dequantize(on_device)
+            elif not streamed:
+                out[name] = t
+            elif self.packed and name in PACKED_KEYS:  # on CPU the packing is the copy
+                out[name] = pack_tensor(name, t)
             else:
-                out[name] = self.device.to_compute(t) if streamed else t
+                out[name] = self.device.to_compute(t)
             moved += stored_bytes(t) if streamed else 0
         return out, moved
 

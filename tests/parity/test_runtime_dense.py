@@ -16,6 +16,11 @@ from tests.conftest import make_prompts
 
 NEW_TOKENS = 48
 LOGIT_TOL = 1e-4
+# SmolLM2's logits reach +-36 after 30 layers. The runner attends the selected slots gathered to
+# the front (and merges CPU-delegated partials), the Engine attends them in place, so fp32 sums
+# run in another order and the logits drift apart by up to 1.2e-4 (3e-6 relative) over 48
+# steps with the oneDNN-packed GEMMs (7.5e-5 with MKL's). Tokens must still be identical.
+SMOLLM_LOGIT_TOL = 2e-4
 
 PLACEMENTS = {
     # name: (weights gpu, kv gpu/cpu/recompute, activations gpu)
@@ -67,7 +72,8 @@ def runner_logits(runner: OffloadRunner, prompts: list[list[int]], num_new: int)
     return result, torch.stack([torch.stack(per_row[r]) for r in range(len(prompts))])
 
 
-def check_parity(weights, policy: Policy, prompts: list[list[int]], reference) -> dict:
+def check_parity(weights, policy: Policy, prompts: list[list[int]], reference,
+                 tol: float = LOGIT_TOL) -> dict:
     ref_tokens, ref_logits = reference
     runner = OffloadRunner(weights, policy, check_integrity=True)
     try:
@@ -77,7 +83,7 @@ def check_parity(weights, policy: Policy, prompts: list[list[int]], reference) -
     assert result.tokens == ref_tokens, policy.describe()
     assert result.finish_reasons == ["length"] * len(prompts)
     err = (logits - ref_logits).abs().max().item()
-    assert err <= LOGIT_TOL, (policy.describe(), err)
+    assert err <= tol, (policy.describe(), err)
     return result.extras
 
 
@@ -134,5 +140,5 @@ def test_smollm2_dense_parity(smollm_run, placement, num_gpu_batches, overlap, c
     streamed = {"weights_gpu_share": 0.8, "weights_cpu_share": 0.2} if num_gpu_batches > 1 else {}
     extras = check_parity(weights, make_policy(placement, num_gpu_batches, overlap, cpu_attention,
                                                gpu_batch_size=batch, **streamed),
-                          prompts, reference)
+                          prompts, reference, tol=SMOLLM_LOGIT_TOL)
     assert extras["max_live_streamed_layers"] == (2 if streamed else 0)

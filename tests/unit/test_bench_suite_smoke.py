@@ -35,3 +35,11 @@ def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
     for png in ("throughput_vs_batch.png", "predicted_vs_measured.png", "time_breakdown.png",
                 "memory_per_step.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+    # the saved profile reruns the offload section with the same searched policies
+    hw = tmp_path / "hardware.json"
+    assert hw.stat().st_size > 0
+    again = tmp_path / "again"
+    assert suite.main(["--smoke", "--model", str(tiny_chat_model), "--out", str(again),
+                       "--hardware", str(hw), "--sections", "alisa_vs_flexgen"]) == 0
+    rerun = json.loads((again / "bench_suite.json").read_text())["alisa_vs_flexgen"]
+    assert [r["policy"] for r in rerun] == [r["policy"] for r in offload]

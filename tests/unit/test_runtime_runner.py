@@ -66,7 +66,10 @@ def test_weight_store_double_buffers_streamed_layers(llama):
     assert layout.num_resident_layers == 1 and store.is_streamed(2)
     layer, moved = store.load(2)
     assert moved == llama.layer_bytes(2)
-    assert all(torch.equal(layer[k], llama.layers[2][k]) for k in layer)
+    # on CPU fp32 the copy into the device pool is the oneDNN packing of the matrices
+    assert all(torch.equal(t.to_dense() if t.is_mkldnn else t, llama.layers[2][k])
+               for k, t in layer.items())
+    assert layer["wqkv"].is_mkldnn == store.packed
     assert store.load(0)[1] == 0  # resident: nothing copied
     device.close()
 
