@@ -122,7 +122,8 @@ class HardwareProfile:
         if not path.is_file():
             raise ValueError(f"hardware {str(name_or_path)!r} is neither a preset "
                              f"({', '.join(sorted(HARDWARE_PRESETS))}) nor a profile JSON file")
-        return cls.from_dict(load_json(path, "hardware profile {path!r} is not valid JSON: {exc}"))
+        return cls.from_dict(load_json(
+            path, "hardware profile {path!r} is unreadable or not valid JSON: {exc}"))
 
     @classmethod
     def measure(cls, gpu_mem_bytes: int | None = None, cpu_mem_bytes: int | None = None,
