@@ -95,7 +95,8 @@ class Engine:
     from the full cache, which is kept whole) and feeds the step's softmax back via `observe`.
     In fp32 on CPU the engine multiplies by its own oneDNN-packed copy of the weight matrices
     (`flexalisa.models.linear`); while the caller keeps `weights` that is a second copy of them,
-    which `pack=False` avoids at the cost of slower GEMMs.
+    which `pack=False` avoids at the cost of slower GEMMs. Engines built from another engine's
+    `weights` share them: packed and placed tensors are used as they are.
     """
 
     def __init__(self, weights: ModelWeights, device: str = "cpu",

@@ -155,9 +155,11 @@ def score_methods(weights: ModelWeights, methods: list[SparsityMethod], ids: Ten
     equals a causal forward, runs as one forward pass (a dense block in the loop would also pad
     every other block's gather to the full cache).
     """
-    dense_nll, dense_top1 = dense_forced(Engine(weights, device=device), ids, prefill)
+    dense = Engine(weights, device=device)
+    dense_nll, dense_top1 = dense_forced(dense, ids, prefill)
     mixed = RowMix(tuple(methods), rows_per_part=ids.shape[0])
-    nll, top1 = teacher_forced(Engine(weights, device=device, method=mixed),
+    # dense.weights are already on the device (and packed): the second engine shares them
+    nll, top1 = teacher_forced(Engine(dense.weights, device=device, method=mixed),
                                ids.repeat(len(methods), 1), prefill)
     nll = torch.cat([dense_nll, nll]).view(len(methods) + 1, ids.shape[0], -1)  # (P, N, T')
     top1 = torch.cat([dense_top1, top1]).view(len(methods) + 1, ids.shape[0], -1)

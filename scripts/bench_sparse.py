@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     method = make_method("swa", args.sparsity)
     prompts = text_segments(read_text(None), tok, args.batch, args.prompt_len)  # (B, T)
     valid = torch.ones_like(prompts, dtype=torch.bool)
-    dense, swa = Engine(weights), Engine(weights, method=method)
+    dense = Engine(weights)
+    swa = Engine(dense.weights, method=method)  # shares the prepared (packed) weights
     max_len = args.prompt_len + args.gen_len
     cache = KVCache(swa.spec, args.batch, max_len, swa.device, swa.dtype)
     state = swa.new_method_state(args.batch, max_len)

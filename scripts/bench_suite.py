@@ -100,12 +100,13 @@ def dense_vs_hf(model_path, weights, sizes: dict, peak: float) -> list[dict]:
 def sparse_vs_dense(weights, sizes: dict, peak: float) -> list[dict]:
     rows = []
     batch, gen_len = sizes["sparse_batch"], sizes["sparse_gen"]
+    shared = Engine(weights).weights  # prepared (packed) once, shared by every engine below
     for prompt_len in sizes["sparse_prompts"]:
         prompts = synthetic_prompts(weights.spec.vocab_size, batch, prompt_len, seed=1)
         dense_tok_s = None
         for sparsity in (0.0, *sizes["sparsities"]):
             method = make_method("swa", sparsity) if sparsity else None
-            engine = Engine(weights, method=method)
+            engine = Engine(shared, method=method)
             runs = timed(lambda e=engine, p=prompts: e.generate(p, gen_len, ignore_eos=True),
                          sizes["repeat"])
             row = {"label": f"swa@{sparsity}" if sparsity else "dense",

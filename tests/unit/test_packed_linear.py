@@ -91,3 +91,12 @@ def test_budget_counts_the_packed_copy_of_a_tied_lm_head(tiny_models):
 def test_nothing_is_packed_off_the_cpu_or_below_fp32():
     assert not can_pack(torch.device("cuda"), torch.float32)
     assert not can_pack(torch.device("cpu"), torch.float16)
+
+
+@needs_pack
+def test_an_engine_built_from_another_engines_weights_shares_them(tiny_models):
+    weights, _ = load_model(tiny_models["llama"][0])
+    first = Engine(weights)
+    second = Engine(first.weights)
+    assert second.weights.layers[0]["w_gate_up"] is first.weights.layers[0]["w_gate_up"]
+    assert second.weights.globals["lm_head"] is first.weights.globals["lm_head"]
