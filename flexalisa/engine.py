@@ -164,8 +164,9 @@ class Engine:
             q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, 0, k, v, rows)
             if state is not None and self.method.needs_scores:
-                probs = attention_probs(q, k, mask)  # (B, Hq, T, T)
-                self.method.observe_prefill(state, layer_idx, probs, valid)
+                rows_read = self.method.prefill_query_rows(state, length)
+                probs = attention_probs(q[:, :, -rows_read:], k, mask[:, -rows_read:])
+                self.method.observe_prefill(state, layer_idx, probs, valid)  # (B, Hq, n, T)
             if last_only and layer_idx == last_layer:
                 # only the last position feeds the logits: the final layer's attention output,
                 # o-proj and MLP are computed for it alone (its K, V are already cached)

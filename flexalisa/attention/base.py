@@ -62,10 +62,19 @@ class SparsityMethod:
         """Fresh state for ``batch`` sequences of up to ``max_len`` cached tokens."""
         return MethodState(layers=[None] * num_layers, num_groups=1)
 
+    def prefill_query_rows(self, state: MethodState, num_queries: int) -> int:
+        """How many of the prompt's last query rows ``observe_prefill`` reads (1..num_queries).
+
+        Callers compute the prefill's attention weights for those rows only and pass them as
+        probs (B, Hq, n, S); every row by default.
+        """
+        return num_queries
+
     def observe_prefill(
         self, state: MethodState, layer_idx: int, probs: Tensor, valid: Tensor
     ) -> None:
-        """Seed the scores from the prefill's softmax, probs (B, Hq, T, S)."""
+        """Seed the scores from the prefill's softmax, probs (B, Hq, T, S): the weights of the
+        last T query rows (T = ``prefill_query_rows``) over all S slots."""
 
     def observe(
         self, state: MethodState, layer_idx: int, probs: Tensor, sel: Selection | None

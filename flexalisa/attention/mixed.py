@@ -65,6 +65,11 @@ class RowMix:
             for part in self.parts
         ])
 
+    def prefill_query_rows(self, state: MixedState, num_queries: int) -> int:
+        return max((part.prefill_query_rows(part_state, num_queries)
+                    for part, part_state in zip(self.parts, state.parts) if part.needs_scores),
+                   default=1)
+
     def observe_prefill(
         self, state: MixedState, layer_idx: int, probs: Tensor, valid: Tensor
     ) -> None:

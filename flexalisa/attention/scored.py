@@ -158,6 +158,13 @@ class SWA(_ScoredMethod):
         ]
         return MethodState(layers=layers, num_groups=groups)
 
+    def prefill_query_rows(self, state: MethodState, num_queries: int) -> int:
+        """Only the last window's rows seed the scores: at most capacity - 1 of them."""
+        record = state.layers[0] if state.layers else None
+        if record is None:
+            return num_queries
+        return max(1, min(num_queries, record.capacity - 1))
+
     def observe_prefill(
         self, state: MethodState, layer_idx: int, probs: Tensor, valid: Tensor
     ) -> None:

@@ -72,7 +72,8 @@ def prefill_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any, mask:
         q, k, v = fam.qkv(spec, w, x, pos)
     if ctx.method.needs_scores:  # the scores the Engine seeds from, computed as it does
         with ctx.times.section("selection"):
-            probs = attention_probs(q, k, mask)  # (B, Hq, T, T)
+            rows_read = ctx.method.prefill_query_rows(state, q.shape[2])
+            probs = attention_probs(q[:, :, -rows_read:], k, mask[:, -rows_read:])  # (B,Hq,n,T)
             ctx.method.observe_prefill(state, layer_idx, probs, valid)
     if layer_idx == spec.num_layers - 1:
         q, x, mask = q[:, :, -1:], x[:, -1:], mask[:, -1:]

@@ -201,3 +201,31 @@ def test_observe_rejects_probs_of_the_wrong_width() -> None:
     sel = method.select(state, 0, valid_mask(8, [0]))
     with pytest.raises(ValueError, match="probs must be"):
         method.observe(state, 0, torch.zeros(1, 2, 1, 3), sel)
+
+
+@pytest.mark.parametrize("name,sparsity,expect_fewer", [("swa", 0.8, True), ("swa", 0.5, True),
+                                                        ("h2o", 0.8, False)])
+def test_prefill_rows_read_seed_what_every_row_seeds(name: str, sparsity: float,
+                                                     expect_fewer: bool) -> None:
+    """Callers pass only the last `prefill_query_rows` query rows of the prompt's softmax;
+    the method must end up with the same scores and selections as when given every row."""
+    torch.manual_seed(0)
+    batch, heads, length, max_len = 2, 4, 40, 43  # max_len: the window is as long as it gets
+    valid = valid_mask(length, [0, 9])
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = causal[None] & valid[:, None, :] & valid[:, :, None]
+    scores = torch.randn(batch, heads, length, length).masked_fill(~mask[:, None], -torch.inf)
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    method = make_method(name, sparsity)
+    full, part = (method.init_state(batch, 1, 2, max_len) for _ in range(2))
+    rows = method.prefill_query_rows(part, length)
+    assert 1 <= rows <= length and (rows < length) == expect_fewer
+    method.observe_prefill(full, 0, probs, valid)
+    method.observe_prefill(part, 0, probs[:, :, -rows:].contiguous(), valid)
+    for step in range(3):
+        grown = valid_mask(length + 1 + step, [0, 9])
+        sel_full, sel_part = (method.select(s, 0, grown) for s in (full, part))
+        assert selected(sel_full) == selected(sel_part)
+        for state, sel in ((full, sel_full), (part, sel_part)):
+            width = sel.indices.shape[-1]
+            method.observe(state, 0, torch.full((batch, heads, 1, width), 1.0 / width), sel)
