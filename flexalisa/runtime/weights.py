@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from flexalisa.kv.quant import QTensor, dequantize, quantize
-from flexalisa.models.linear import PACKED_KEYS, can_pack, pack_tensor
+from flexalisa.models.linear import can_pack, pack_tensor
 from flexalisa.models.weights import LayerWeights, ModelWeights
 from flexalisa.runtime.device import Device
 
@@ -119,6 +119,8 @@ class WeightStore:
             elif resident:
                 t = t.to(self.device.torch_device)
                 out[name] = pack_tensor(name, t) if self.packed else t
+            elif self.packed:  # CPU only: the host copy is kept packed, a load clones it
+                out[name] = pack_tensor(name, t)
             else:
                 out[name] = (t if t.device.type == "cpu" and not self.device.pin
                              else self.device.to_host(t))
@@ -146,8 +148,6 @@ class WeightStore:
                 out[name] = dequantize(on_device)
             elif not streamed:
                 out[name] = t
-            elif self.packed and name in PACKED_KEYS:  # on CPU the packing is the copy
-                out[name] = pack_tensor(name, t)
             else:
                 out[name] = self.device.to_compute(t)
             moved += stored_bytes(t) if streamed else 0
