@@ -149,9 +149,32 @@ def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> di
         gemv = rate[(1, GEMM_TABLE_INNER[-1])]  # streams 256 MiB of (4096, 4096) weights
         out.update(h2d_bytes_per_s=host_copy, d2h_bytes_per_s=host_copy,
                    gpu_mem_bytes_per_s=gemv / 2 * 4,  # 2 FLOPs per 4-byte weight read
-                   gpu_name=f"CPU as device ({platform.processor() or platform.machine()})",
+                   gpu_name=f"CPU as device ({cpu_description()})",
                    link_name="host memcpy", gpu_mem_bytes=DEFAULT_CPU_DEVICE_GPU_MEM_BYTES)
     return out
+
+
+def cpu_description() -> str:
+    """The CPU's model name and widest vector extension, e.g. 'Intel Xeon ... (AVX-512, AMX)'.
+
+    Benchmarks print it: the same code runs at very different speeds on an AVX2 and an
+    AVX-512 host, so a figure is only comparable with one from the same kind of CPU.
+    """
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("amx_tile", "AMX"))
+           if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    return f"{name} ({', '.join(isa)})" if isa else name
 
 
 def measure_profile(gpu_mem_bytes: int | None = None, cpu_mem_bytes: int | None = None,
@@ -178,7 +201,7 @@ def measure_profile(gpu_mem_bytes: int | None = None, cpu_mem_bytes: int | None 
     rates["gpu_mem_bytes"] = int(gpu_mem_bytes or rates["gpu_mem_bytes"])
     return HardwareProfile(
         name=f"measured:{platform.node()}", device_kind="cuda" if cuda else "cpu",
-        cpu_name=f"{platform.processor() or platform.machine()} ({cores} cores, "
+        cpu_name=f"{cpu_description()} ({cores} cores, "
         f"{torch.get_num_threads()} torch threads)",
         cpu_mem_bytes=int(cpu_mem_bytes or psutil.virtual_memory().available),
         cpu_flops_per_s=cpu_flops, cpu_mem_bytes_per_s=3.0 * host_copy,

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from cost_model import HardwareProfile
+from cost_model.profiling import cpu_description
 from flexalisa.attention import make_method
 from flexalisa.bench import synthetic_prompts
 from flexalisa.engine import Engine
-from flexalisa.errors import BudgetError
+from flexalisa.errors import BudgetError, FlexalisaError
 from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
 from flexalisa.placement import SEARCH_RETRIES, SEARCH_SHRINK
@@ -51,6 +52,7 @@ from policy import SearchSpace, search
 FULL = dict(hf=(32, 128, 64), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=16,
             sparsities=(0.5, 0.8, 0.9), offload_batches=(4, 8, 16), offload_prompt=128,
             offload_gen=16, gpu_mem=448 * 2**20, repeat=3)
+SECTIONS = ("dense_vs_hf", "sparse_vs_dense", "alisa_vs_flexgen")
 SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=4,
              sparsities=(0.5, 0.8), offload_batches=(2, 4), offload_prompt=16, offload_gen=4,
              gpu_mem=None, repeat=1)
@@ -190,18 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, ~1 minute")
-    p.add_argument("--sections", default="dense_vs_hf,sparse_vs_dense,alisa_vs_flexgen")
+    p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--hardware", default=None,
                    help="a saved profile (e.g. a previous run's results/hardware.json) instead "
                         "of measuring one; fixes the policies the searches pick")
     args = p.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
-    model_path = args.model or default_model_path()
-    weights, _ = load_model(model_path)
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    try:  # bad input: one line, before anything is measured or written
+        hw = HardwareProfile.load(args.hardware) if args.hardware else None
+        model_path = args.model or default_model_path()
+        weights, _ = load_model(model_path)
+    except (ValueError, FlexalisaError) as exc:
+        print(f"bench_suite: error: {exc}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.hardware:  # a saved profile: the searches pick the same policies as in its run
-        hw = HardwareProfile.load(args.hardware)
+    if hw is not None:  # a saved profile: the searches pick the same policies as in its run
         if sizes["gpu_mem"] is not None:
             hw = hw.with_memory(sizes["gpu_mem"])
     else:
@@ -210,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                                      budget_s=5 if args.smoke else 15)
     hw.save(args.out / "hardware.json")
     peak = hw.gpu_gemm_flops_per_s  # measured best GEMM rate of the stand-in device (CPU)
-    sections = args.sections.split(",")
-    results: dict = {"machine": f"{platform.machine()} {platform.processor() or ''} "
+    results: dict = {"machine": f"{platform.machine()} {cpu_description()}, "
                                 f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                      "command": "python scripts/bench_suite.py " + " ".join(argv or sys.argv[1:]),
                      "model": str(model_path), "gemm_peak_flops": peak}

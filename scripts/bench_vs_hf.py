@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from cost_model.profiling import cpu_description
 from flexalisa.bench import synthetic_prompts
 from flexalisa.engine import Engine
 from flexalisa.models import default_model_path, load_model
@@ -53,6 +54,7 @@ def compare(model_path, batch: int, prompt_len: int, gen_len: int, repeat: int) 
     return {
         "model": str(model_path).rsplit("/", 1)[-1], "batch": batch, "prompt_len": prompt_len,
         "gen_len": gen_len, "repeat": repeat, "threads": torch.get_num_threads(),
+        "machine": cpu_description(),
         "flexalisa": ours_s, "hf": hf_s,
         "ratio_total": ours_s["total_tok_s"] / hf_s["total_tok_s"],
         "ratio_prefill": ours_s["prefill_tok_s"] / hf_s["prefill_tok_s"],

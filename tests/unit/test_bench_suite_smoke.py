@@ -43,3 +43,20 @@ def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
                        "--hardware", str(hw), "--sections", "alisa_vs_flexgen"]) == 0
     rerun = json.loads((again / "bench_suite.json").read_text())["alisa_vs_flexgen"]
     assert [r["policy"] for r in rerun] == [r["policy"] for r in offload]
+
+
+def test_bad_arguments_fail_in_one_line_before_writing(tiny_chat_model, tmp_path, capsys):
+    suite = load_suite()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = tmp_path / "out"
+    assert suite.main(["--smoke", "--model", str(tiny_chat_model), "--out", str(out),
+                       "--hardware", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert suite.main(["--smoke", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--smoke", "--model", str(tiny_chat_model), "--sections", "nope"])
+    assert exc.value.code == 2 and "unknown section" in capsys.readouterr().err
+    assert not out.exists()
