@@ -94,10 +94,18 @@ def plot_predicted_vs_measured(report: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     measured = [r["total_tok_s"] for r in runs]
     predicted = [r["predicted_total_tok_s"] for r in runs]
-    ax.scatter(measured, predicted)
-    for r, x, y in zip(runs, measured, predicted):
-        ax.annotate(r.get("label", ""), (x, y), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+    # one colour and marker per policy (legend), each point tagged with its batch size: nearby
+    # points of two policies stay readable
+    markers = "os^Dv<>"
+    for idx, label in enumerate(dict.fromkeys(r.get("label", "") for r in runs)):
+        mine = [r for r in runs if r.get("label", "") == label]
+        ax.scatter([r["total_tok_s"] for r in mine], [r["predicted_total_tok_s"] for r in mine],
+                   marker=markers[idx % len(markers)], label=label or "run", alpha=0.8)
+        for r in mine:
+            if "batch" in r:
+                ax.annotate(f"b{r['batch']}", (r["total_tok_s"], r["predicted_total_tok_s"]),
+                            fontsize=7, xytext=(4, -10 if idx % 2 else 4),
+                            textcoords="offset points")
     top = max(measured + predicted) * 1.1
     ax.plot([0, top], [0, top], linestyle="--", color="gray", label="prediction = measurement")
     ax.set_xlim(0, top)

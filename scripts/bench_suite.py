@@ -10,8 +10,9 @@ Sections (each a list of rows in results/bench_suite.json, a table in results/be
                       runner, at several batch sizes; with the cost model's predictions
   4. roofline         each row's matmul FLOP/s over the measured profile's best GEMM rate
 Plots (results/*.png): throughput vs batch per policy, predicted vs measured, and the time
-breakdown / KV memory of the last ALISA run. Every throughput is a median of --repeat runs after
-a warm-up, with min and max. `--smoke` shrinks every size so the whole suite runs in ~1 minute.
+breakdown / KV memory of the last ALISA run. Every throughput is a median of 3 runs after a
+warm-up, with min and max (engine vs HF: 5 runs, alternating between the two sides so that they
+share the machine's drift). `--smoke` shrinks every size so the whole suite runs in ~1 minute.
 The hardware profile the searches and rooflines used is written to results/hardware.json;
 `--hardware results/hardware.json` reruns the suite with the same policies.
 """
@@ -51,11 +52,11 @@ from policy import SearchSpace, search
 # copy there (flexalisa.models.linear), so 448 MiB leaves about what 320 MiB left before it.
 FULL = dict(hf=(32, 128, 64), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=16,
             sparsities=(0.5, 0.8, 0.9), offload_batches=(4, 8, 16), offload_prompt=128,
-            offload_gen=16, gpu_mem=448 * 2**20, repeat=3)
+            offload_gen=16, gpu_mem=448 * 2**20, repeat=3, hf_repeat=5)
 SECTIONS = ("dense_vs_hf", "sparse_vs_dense", "alisa_vs_flexgen")
 SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=4,
              sparsities=(0.5, 0.8), offload_batches=(2, 4), offload_prompt=16, offload_gen=4,
-             gpu_mem=None, repeat=1)
+             gpu_mem=None, repeat=1, hf_repeat=1)
 
 
 def timed(fn, repeat: int) -> list[dict]:
@@ -86,10 +87,12 @@ def dense_vs_hf(model_path, weights, sizes: dict, peak: float) -> list[dict]:
     batch, prompt_len, gen_len = sizes["hf"]
     prompts = synthetic_prompts(weights.spec.vocab_size, batch, prompt_len, seed=0)
     engine, hf = Engine(weights), load_hf_model(model_path)
-    ours = timed(lambda: engine.generate(prompts, gen_len, ignore_eos=True), sizes["repeat"])
-    theirs = []
-    time_hf(hf, prompts, 2)  # warm-up
-    for _ in range(sizes["repeat"]):
+    ours, theirs = [], []
+    engine.generate(prompts, 2, ignore_eos=True)  # warm-ups
+    time_hf(hf, prompts, 2)
+    for _ in range(sizes["hf_repeat"]):  # alternating, so both sides share the machine's drift
+        res = engine.generate(prompts, gen_len, ignore_eos=True)
+        ours.append({"prefill_s": res.prefill_s, "decode_s": res.decode_s})
         theirs.append(time_hf(hf, prompts, gen_len))
     rows = [with_roofline({"label": "flexalisa", **summarize(ours, batch, prompt_len, gen_len)},
                           weights.spec, peak),
