@@ -16,8 +16,6 @@ the fastest run (what the machine can do when other jobs leave it alone; the val
 likewise keeps the fastest of repeated runs). ``gemm_flops_table`` samples the GEMM rate at
 1..1024 token rows and two weight widths: on CPUs the small-row rate is far from both the
 square-GEMM rate and the bandwidth roofline, and narrow weights run slower than wide ones.
-The table is measured with the runtime's own multiply (oneDNN-packed weights in fp32 on the CPU,
-see ``_runtime_linear``), since the two paths' rates differ by row count.
 The CPU device with one torch thread is timed in process CPU time (``time.process_time``), so
 that other jobs on a shared machine do not inflate the figures; anything else in wall time.
 """
@@ -97,30 +95,11 @@ def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> flo
     return timer.best_s(layer)
 
 
-def _runtime_linear(torch: Any, device: str, dtype: Any
-                    ) -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
-    """(prepare, multiply): how flexalisa's runtime multiplies by a weight on this device.
-
-    In fp32 on the CPU it multiplies by oneDNN-packed weights (``flexalisa.models.linear``),
-    whose rate differs from torch's plain GEMM by row count (here slower at one row, faster
-    from four), so the rate table measures that path when flexalisa is installed beside the
-    cost model; otherwise torch's ``x @ W.T``.
-    """
-    try:
-        from flexalisa.models.linear import can_pack, linear, pack_matrix
-    except ImportError:  # the cost model alone
-        return (lambda w: w), (lambda x, w: x @ w.T)
-    if can_pack(torch.device(device), dtype):
-        return pack_matrix, linear
-    return (lambda w: w), (lambda x, w: x @ w.T)
-
-
-def _linear_rate(timer: _Timer, x: Any, weights: list[Any],
-                 multiply: Callable[[Any, Any], Any] = lambda x, w: x @ w.T) -> float:
+def _linear_rate(timer: _Timer, x: Any, weights: list[Any]) -> float:
     """FLOP/s of x @ W.T (torch's Linear layout) over each weight in turn."""
     def run() -> None:
         for w in weights:
-            multiply(x, w)
+            x @ w.T
 
     rows, inner = x.shape
     return 2.0 * rows * inner * weights[0].shape[0] * len(weights) / timer.best_s(run)
@@ -135,16 +114,15 @@ def _gemm_table(torch: Any, timer: _Timer, device: str, dtype: Any
     """
     sub = _Timer(timer.clock, timer.sync,
                  timer.budget_s / (len(GEMM_TABLE_ROWS) * len(GEMM_TABLE_INNER)))
-    prepare, multiply = _runtime_linear(torch, device, dtype)
     table = []
     for inner in GEMM_TABLE_INNER:
         one = 4096 * inner * torch.finfo(dtype).bits // 8
-        weights = [prepare(torch.empty(4096, inner, device=device, dtype=dtype).uniform_())
+        weights = [torch.empty(4096, inner, device=device, dtype=dtype).uniform_()
                    for _ in range(max(1, 256 * MIB // one))]
         for rows in GEMM_TABLE_ROWS:
             x = torch.randn(rows, inner, device=device, dtype=dtype)
             table.append((rows, inner, _linear_rate(sub, x, weights if rows <= 64 else
-                                                    weights[:1], multiply)))
+                                                    weights[:1])))
     return tuple(sorted(table))
 
 

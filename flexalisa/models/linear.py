@@ -55,16 +55,11 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack_matrix(t: Tensor) -> Tensor:
-    """A oneDNN-packed copy of the (out, in) fp32 CPU matrix `t`, for `linear` only."""
-    return torch.ops.mkldnn._reorder_linear_weight(t.contiguous(), PACK_BATCH_HINT)
-
-
 def pack_tensor(key: str, t: Tensor) -> Tensor:
     """`t` oneDNN-packed if `key` is in `PACKED_KEYS` (a new tensor), else `t` itself."""
     if key not in PACKED_KEYS or t.is_mkldnn:
         return t
-    return pack_matrix(t)
+    return torch.ops.mkldnn._reorder_linear_weight(t.contiguous(), PACK_BATCH_HINT)
 
 
 def pack_weights(weights: ModelWeights) -> ModelWeights:
