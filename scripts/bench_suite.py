@@ -59,15 +59,15 @@ SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=
              gpu_mem=None, repeat=1, hf_repeat=1)
 
 
+def run_timings(res) -> dict:
+    """One GenerationResult's timings and counters, as the summaries read them."""
+    return {"prefill_s": res.prefill_s, "decode_s": res.decode_s, "extras": res.extras}
+
+
 def timed(fn, repeat: int) -> list[dict]:
     """`fn()` -> GenerationResult, once to warm up then `repeat` times; per-run timings."""
     fn()
-    runs = []
-    for _ in range(repeat):
-        res = fn()
-        runs.append({"prefill_s": res.prefill_s, "decode_s": res.decode_s,
-                     "extras": res.extras})
-    return runs
+    return [run_timings(fn()) for _ in range(repeat)]
 
 
 def summarize(runs: list[dict], batch: int, prompt_len: int, gen_len: int) -> dict:
@@ -91,8 +91,7 @@ def dense_vs_hf(model_path, weights, sizes: dict, peak: float) -> list[dict]:
     engine.generate(prompts, 2, ignore_eos=True)  # warm-ups
     time_hf(hf, prompts, 2)
     for _ in range(sizes["hf_repeat"]):  # alternating, so both sides share the machine's drift
-        res = engine.generate(prompts, gen_len, ignore_eos=True)
-        ours.append({"prefill_s": res.prefill_s, "decode_s": res.decode_s})
+        ours.append(run_timings(engine.generate(prompts, gen_len, ignore_eos=True)))
         theirs.append(time_hf(hf, prompts, gen_len))
     rows = [with_roofline({"label": "flexalisa", **summarize(ours, batch, prompt_len, gen_len)},
                           weights.spec, peak),

@@ -116,11 +116,9 @@ class WeightStore:
             if self.layout.compressed and t.dim() == 2:
                 q = quantize(t, 4, int4_group_size(t.shape[1]))
                 out[name] = q.to(self.device.torch_device) if resident else _host_q(q, self.device)
-            elif resident:
-                t = t.to(self.device.torch_device)
+            elif resident or self.packed:  # packed (CPU only): a streamed layer's host copy
+                t = t.to(self.device.torch_device)  # is packed too, and a load clones it
                 out[name] = pack_tensor(name, t) if self.packed else t
-            elif self.packed:  # CPU only: the host copy is kept packed, a load clones it
-                out[name] = pack_tensor(name, t)
             else:
                 out[name] = (t if t.device.type == "cpu" and not self.device.pin
                              else self.device.to_host(t))
