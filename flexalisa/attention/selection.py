@@ -21,6 +21,9 @@ class Selection:
 
     indices: Tensor  # (B, Hsel, K) long: selected slots, ascending; padding entries repeat S-1
     mask: Tensor  # (B, Hsel, K) bool: True = real entry, False = padding (row selected fewer)
+    # True: built by `dense_selection`, every valid slot with entry s = slot s (padding entries
+    # in place, pointing at S-1, so not ascending); attended like a contiguous cache
+    dense: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -48,6 +51,20 @@ def mask_to_selection(selected: Tensor) -> Selection:
     entry = torch.arange(width, device=selected.device) < counts[..., None]  # (B, Hsel, K)
     indices = torch.where(entry, order, torch.full_like(order, num_slots - 1))
     return Selection(indices=indices, mask=entry)
+
+
+def dense_selection(valid: Tensor) -> Selection:
+    """Every valid slot in slot order: valid (B, S) bool -> Selection (B, 1, S), ``dense``.
+
+    Unlike ``mask_to_selection`` the real entries are not moved to the front: entry s is slot s,
+    and an invalid slot (left padding) is a masked entry pointing at slot S-1, as padding does
+    elsewhere. K, V gathered with it have the layout of a contiguous cache, so attention over
+    them runs the same fp32 sums as the Engine's attention over its cache.
+    """
+    num_slots = valid.shape[-1]
+    slots = torch.arange(num_slots, device=valid.device).expand_as(valid)
+    indices = torch.where(valid, slots, num_slots - 1)
+    return Selection(indices=indices[:, None], mask=valid[:, None], dense=True)
 
 
 def recent_mask(pos: Tensor, num_valid: Tensor, count: Tensor, valid: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from flexalisa.attention import (
     partial_attention_probs,
 )
 from flexalisa.attention.base import MethodState
-from flexalisa.attention.selection import Selection, mask_to_selection
+from flexalisa.attention.selection import Selection, dense_selection
 from flexalisa.engine import dense_attention
 from flexalisa.kv import FetchedKV, TieredKVStore
 from flexalisa.models.weights import LayerWeights
@@ -108,9 +108,11 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
     with ctx.times.section("attention"):
         if ctx.cpu_attention:
             attn, probs = _delegated_attention(q, k_sel, v_sel, store, prepared, is_new[..., 0])
+        elif sel.dense:  # the Engine's fused kernel on the Engine's slot layout
+            attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
         else:
             attn, _, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
-    if ctx.method.needs_scores:
+    if ctx.method.needs_scores and not sel.dense:  # as the Engine: no scores from dense steps
         with ctx.times.section("selection"):
             ctx.method.observe(state, layer_idx, probs, sel)
     with ctx.times.section("linear"):
@@ -123,9 +125,12 @@ def _delegated_attention(q: Tensor, k_sel: Tensor, v_sel: Tensor, store: TieredK
     """Device partial over GPU/recompute/new entries + host partial over CPU-tier entries."""
     sel = prepared.selection
     on_cpu = prepared.fetched.masks.cpu & ~is_new & sel.mask  # (B, Hkv, K)
+    any_on_cpu = bool(on_cpu.any())
+    if sel.dense and not any_on_cpu:  # nothing to delegate: attend as without delegation
+        return dense_attention(q, k_sel, v_sel, sel.mask), None
     device_mask = sel.mask & ~on_cpu  # (B, Hkv, K)
     out_dev, lse_dev, p_dev = partial_attention_probs(q, k_sel, v_sel, device_mask[:, :, None])
-    if not bool(on_cpu.any()):
+    if not any_on_cpu:
         return out_dev, p_dev
     k_host, v_host, _ = store.cpu_selected(prepared.old_indices)  # (B, Hkv, K, D) on the host
     host_mask = on_cpu.cpu()[:, :, None]  # (B, Hkv, 1, K)
@@ -146,7 +151,7 @@ def select_next(ctx: LayerContext, state: MethodState, layer_idx: int,
     """The slots the next decode step of this layer attends; valid (B, S) includes its token."""
     with ctx.times.section("selection"):
         sel = ctx.method.select(state, layer_idx, valid)
-        return sel if sel is not None else mask_to_selection(valid[:, None])
+        return sel if sel is not None else dense_selection(valid)
 
 
 def clamp_to_stored(sel: Selection, num_stored: int) -> Tensor:

@@ -16,11 +16,13 @@ from tests.conftest import make_prompts
 
 NEW_TOKENS = 48
 LOGIT_TOL = 1e-4
-# SmolLM2's logits reach +-36 after 30 layers. The runner attends the selected slots gathered to
-# the front (and merges CPU-delegated partials), the Engine attends them in place, so fp32 sums
-# run in another order and the logits drift apart by up to 1.2e-4 (3e-6 relative) over 48
-# steps with the oneDNN-packed GEMMs (7.5e-5 with MKL's). Tokens must still be identical.
-SMOLLM_LOGIT_TOL = 2e-4
+# Without CPU delegation the runner attends dense steps with the Engine's kernel on the Engine's
+# slot layout (`dense_selection`), so its logits equal the Engine's (max diff 0 on SmolLM2 at
+# every placement here). With delegation, the CPU-tier partial is merged by log-sum-exp: exact
+# in real arithmetic, but another fp32 summation order, and SmolLM2's logits (up to +-36 after
+# 30 layers) drift apart by up to 1.2e-4 (3e-6 relative) over 48 steps. Tokens must still be
+# identical; that case alone is held to this looser bound.
+DELEGATED_SMOLLM_LOGIT_TOL = 2e-4
 
 PLACEMENTS = {
     # name: (weights gpu, kv gpu/cpu/recompute, activations gpu)
@@ -118,6 +120,7 @@ def test_tiny_dense_parity(tiny_runs, kind, placement, num_gpu_batches, overlap,
 
 SMOLLM_GRID = [  # a subset, to keep CI time down; the last case also streams 20% of the layers
     ("all_on_device", 1, False, False),
+    ("kv_all_cpu", 1, True, False),
     ("kv_all_cpu", 1, True, True),
     ("kv_30_50_20", 3, True, False),
 ]
@@ -140,5 +143,6 @@ def test_smollm2_dense_parity(smollm_run, placement, num_gpu_batches, overlap, c
     streamed = {"weights_gpu_share": 0.8, "weights_cpu_share": 0.2} if num_gpu_batches > 1 else {}
     extras = check_parity(weights, make_policy(placement, num_gpu_batches, overlap, cpu_attention,
                                                gpu_batch_size=batch, **streamed),
-                          prompts, reference, tol=SMOLLM_LOGIT_TOL)
+                          prompts, reference,
+                          tol=DELEGATED_SMOLLM_LOGIT_TOL if cpu_attention else LOGIT_TOL)
     assert extras["max_live_streamed_layers"] == (2 if streamed else 0)

@@ -105,3 +105,25 @@ def test_gather_kv_shared_and_per_kv_head_selections() -> None:
             torch.testing.assert_close(v_sel[b, h], v[b, h, per_head[b, h]])
     with pytest.raises(ValueError, match="indices must be"):
         gather_kv(k, v, torch.zeros(B, 3, 2, dtype=torch.long))
+
+
+def test_dense_selection_keeps_the_cache_layout() -> None:
+    """Gathering with ``dense_selection`` rebuilds the contiguous cache's K, V at valid slots,
+    in slot order, so the fused kernel sees the Engine's inputs; padding points at S-1."""
+    from flexalisa.attention.selection import dense_selection, mask_to_selection
+    from flexalisa.engine import dense_attention
+
+    q, k, v = make_qkv(seed=3)
+    q = q[:, :, -1:]
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :7] = False  # row 0 is left-padded by 7 slots
+    sel = dense_selection(valid)
+    assert sel.dense and sel.indices.shape == (B, 1, S)
+    assert sel.indices[0, 0, :7].tolist() == [S - 1] * 7
+    assert sel.indices[0, 0, 7:].tolist() == list(range(7, S))
+    assert torch.equal(sel.mask[:, 0], valid)
+    k_sel, v_sel = gather_kv(k, v, sel.indices)
+    assert torch.equal(k_sel[:, :, 7:], k[:, :, 7:]) and torch.equal(v_sel[1], v[1])
+    assert torch.equal(dense_attention(q, k_sel, v_sel, sel.mask),
+                       dense_attention(q, k, v, valid[:, None]))
+    assert not mask_to_selection(valid[:, None]).dense  # compacted: real entries to the front
