@@ -144,7 +144,8 @@ def _scatter(mask: Tensor, values: Tensor, like: Tensor) -> Tensor:
 
 
 def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: RecomputeFn,
-               like: Tensor) -> tuple[Tensor, Tensor]:
+               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """K, V (m, D) of the m recompute-tier entries, in ``masks.recompute``'s row-major order."""
     slots = fetched.recompute_slots  # (B, R)
     k_new, v_new = recompute_kv(fetched.recompute_hidden, slots)
     cfg = store.config
@@ -155,12 +156,12 @@ def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: Recompute
     idx = fetched.indices
     batch, heads, num_sel = idx.shape
     column = torch.searchsorted(slots, idx.reshape(batch, heads * num_sel))  # (B, Hkv*K)
-    column = column.clamp_(max=slots.shape[1] - 1).view(batch, heads, num_sel)  # (B, Hkv, K)
-    batch_idx = torch.arange(batch, device=column.device)[:, None, None]
-    head_idx = torch.arange(heads, device=column.device)[None, :, None]
+    column = column.view(batch, heads, num_sel)  # (B, Hkv, K): where each slot was rebuilt
+    batch_idx, head_idx, entry = fetched.masks.recompute.nonzero(as_tuple=True)  # (m,) each
+    column = column[batch_idx, head_idx, entry]
     store.counters.tokens_recomputed += fetched.num_recompute
-    return (k_new.to(like.dtype)[batch_idx, head_idx, column],  # (B, Hkv, K, D)
-            v_new.to(like.dtype)[batch_idx, head_idx, column])
+    return (k_new[batch_idx, head_idx, column].to(dtype),
+            v_new[batch_idx, head_idx, column].to(dtype))
 
 
 def _check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
@@ -188,20 +189,25 @@ def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | No
         fetched = fetch(store, indices, skip_cpu)
     else:
         _check_fetched(store, indices, fetched, skip_cpu)
-    idx, masks = fetched.indices, fetched.masks
-    k_gpu, v_gpu = store.gpu.gather_slots(idx)  # (B, Hkv, K, D); only GPU entries are meaningful
-    use_cpu = bool(fetched.cpu_k) and not skip_cpu
-    none = k_gpu.new_zeros(0)
-    k_out = _scatter(masks.cpu, store.cpu.decode(fetched.cpu_k) if use_cpu else none, k_gpu)
-    v_out = _scatter(masks.cpu, store.cpu.decode(fetched.cpu_v) if use_cpu else none, v_gpu)
+    masks = fetched.masks
+    # fresh tensors (advanced indexing copies) whose GPU-tier entries are the answer; every
+    # other entry holds some ring slot and is overwritten in place below, as the tier masks
+    # cover every entry: one pass over K, V plus the CPU and recompute entries themselves
+    k_out, v_out = store.gpu.gather_slots(fetched.indices)  # (B, Hkv, K, D)
+    if fetched.num_cpu_entries:
+        if fetched.cpu_k and not skip_cpu:
+            k_out[masks.cpu] = store.cpu.decode(fetched.cpu_k).to(k_out.dtype)  # (m, D)
+            v_out[masks.cpu] = store.cpu.decode(fetched.cpu_v).to(v_out.dtype)
+        else:
+            k_out.masked_fill_(masks.cpu[..., None], 0.0)
+            v_out.masked_fill_(masks.cpu[..., None], 0.0)
     if fetched.num_recompute:
         if recompute_kv is None:
             raise ValueError("recompute-tier slots are selected but no recompute_kv was given")
-        k_rec, v_rec = _recompute(store, fetched, recompute_kv, k_gpu)
-        k_out = torch.where(masks.recompute[..., None], k_rec, k_out)
-        v_out = torch.where(masks.recompute[..., None], v_rec, v_out)
-    gpu = masks.gpu[..., None]
-    return torch.where(gpu, k_gpu, k_out), torch.where(gpu, v_gpu, v_out)
+        k_rec, v_rec = _recompute(store, fetched, recompute_kv, k_out.dtype)  # (m, D) each
+        k_out[masks.recompute] = k_rec
+        v_out[masks.recompute] = v_rec
+    return k_out, v_out
 
 
 def cpu_selected(store: TieredKVStore, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
