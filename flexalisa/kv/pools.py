@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flexalisa.attention.kernel import take_rows
 from flexalisa.kv.quant import QTensor, dequantize, quantize
 
 
@@ -92,13 +93,13 @@ class KVRing:
                                 device=self.device)
             return zeros, zeros.clone()
         ring_idx = (slots % self.capacity).to(self.device)  # (B, Hkv, K)
-        # advanced indexing reads only the selected rows; torch.gather with an index expanded
-        # over the last dim was ~3x slower here
+        # reads only the selected rows; torch.gather with an index expanded over the last dim
+        # was ~3x slower here
         batch_idx = torch.arange(ring_idx.shape[0], device=self.device)[:, None, None]
         head_idx = torch.arange(ring_idx.shape[1], device=self.device)[None, :, None]
 
         def take(parts: list[Tensor]) -> Tensor:
-            picked = [p[batch_idx, head_idx, ring_idx] for p in parts]  # each (B, Hkv, K, ·)
+            picked = [take_rows(p, batch_idx, head_idx, ring_idx) for p in parts]  # (B,Hkv,K,·)
             return self.decode(picked)
 
         return take(self.k_parts), take(self.v_parts)
@@ -107,8 +108,8 @@ class KVRing:
                        slots: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Stored parts of the m entries (batch_idx, head_idx, slot), each (m, ·), not decoded."""
         ring_idx = slots % max(self.capacity, 1)
-        return ([p[batch_idx, head_idx, ring_idx] for p in self.k_parts],
-                [p[batch_idx, head_idx, ring_idx] for p in self.v_parts])
+        return ([take_rows(p, batch_idx, head_idx, ring_idx) for p in self.k_parts],
+                [take_rows(p, batch_idx, head_idx, ring_idx) for p in self.v_parts])
 
 
 class HiddenPool:

@@ -97,6 +97,8 @@ def _to_device(store: TieredKVStore, parts: list[Tensor]) -> list[Tensor]:
 
 def _recompute_slots(idx: Tensor, mask: Tensor) -> tuple[Tensor, int]:
     """Distinct selected slots of each row (B, R), padded by repeating; and the real count."""
+    if not bool(mask.any()):
+        return torch.zeros(idx.shape[0], 0, dtype=torch.int64), 0
     rows = [torch.unique(idx[b][mask[b]]) for b in range(idx.shape[0])]  # each sorted
     width = max((len(r) for r in rows), default=0)
     slots = torch.zeros(idx.shape[0], width, dtype=torch.int64)
@@ -181,6 +183,8 @@ def _check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
 def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | None,
            fetched: FetchedKV | None = None, skip_cpu: bool = False) -> tuple[Tensor, Tensor]:
     """K, V (B, Hkv, K, D) of the selection on the device; CPU entries zero when ``skip_cpu``.
+
+    Both are new tensors (never views of the store), which the caller may write into.
 
     ``fetched``: the result of an earlier ``fetch`` of the same indices (from ``load_kv``);
     None fetches now. ``recompute_kv`` may be None only if no recompute-tier slot is selected.

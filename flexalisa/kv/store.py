@@ -212,7 +212,8 @@ class TieredKVStore:
     def gather(self, indices: Tensor, recompute_kv: selection.RecomputeFn | None,
                fetched: selection.FetchedKV | None = None,
                skip_cpu: bool = False) -> tuple[Tensor, Tensor]:
-        """K, V (B, Hkv, K, D) of the selection on the device (recomputing dropped slots)."""
+        """K, V (B, Hkv, K, D) of the selection on the device (recomputing dropped slots), as
+        new tensors the caller may write into."""
         return selection.gather(self, indices, recompute_kv, fetched, skip_cpu)
 
     def cpu_selected(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -102,12 +102,15 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
     with ctx.times.section("kv_gather"):
         k_old, v_old = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
                                     skip_cpu=ctx.cpu_attention)  # (B, Hkv, K, D)
-        is_new = (sel.indices == store.num_tokens)[..., None]  # (B, Hsel, K, 1)
-        k_sel = torch.where(is_new, k_new, k_old)
-        v_sel = torch.where(is_new, v_new, v_old)
+        is_new = sel.indices == store.num_tokens  # (B, Hsel, K)
+        # gather returns new tensors: the step's own k, v go in at its entries, in place
+        new_entries = is_new.expand(k_old.shape[:3])  # (B, Hkv, K)
+        k_old[new_entries] = k_new.expand(k_old.shape)[new_entries]
+        v_old[new_entries] = v_new.expand(v_old.shape)[new_entries]
+        k_sel, v_sel = k_old, v_old
     with ctx.times.section("attention"):
         if ctx.cpu_attention:
-            attn, probs = _delegated_attention(q, k_sel, v_sel, store, prepared, is_new[..., 0])
+            attn, probs = _delegated_attention(q, k_sel, v_sel, store, prepared, is_new)
         elif sel.dense:  # the Engine's fused kernel on the Engine's slot layout
             attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
         else:

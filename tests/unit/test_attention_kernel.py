@@ -127,3 +127,19 @@ def test_dense_selection_keeps_the_cache_layout() -> None:
     assert torch.equal(dense_attention(q, k_sel, v_sel, sel.mask),
                        dense_attention(q, k, v, valid[:, None]))
     assert not mask_to_selection(valid[:, None]).dense  # compacted: real entries to the front
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "slot_slice", "transposed", "int8_codes"])
+def test_take_rows_equals_advanced_indexing(layout: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 4, 50, 8, generator=gen)
+    t = {"contiguous": base, "slot_slice": base[:, :, 10:40],  # a cache view: strided slots
+         "transposed": base.transpose(1, 2),  # falls back to advanced indexing
+         "int8_codes": (base * 20).to(torch.int8)}[layout]
+    from flexalisa.attention.kernel import take_rows
+    b = torch.arange(3)[:, None, None]
+    h = torch.arange(t.shape[1])[None, :, None]
+    s = torch.randint(0, t.shape[2], (3, t.shape[1], 7), generator=gen)
+    assert torch.equal(take_rows(t, b, h, s), t[b, h, s])
+    flat = (torch.tensor([0, 2, 1]), torch.tensor([3, 0, 1]), torch.tensor([2, 0, 3]))
+    assert torch.equal(take_rows(t, *flat), t[flat])  # (m,) entries, as the CPU tier reads them
