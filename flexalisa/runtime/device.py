@@ -43,10 +43,10 @@ class Handle:
     """One submitted copy job: its result, and its busy time once finished."""
 
     lane: str  # "h2d" or "d2h"
-    future: Future | None = None  # cpu: the worker's future
+    future: Future | None = None  # cpu: the worker's future, until waited for
     event: Any = None  # cuda: event recorded on the lane after the job
     start_event: Any = None  # cuda: event recorded on the lane before the job
-    result: Any = None  # cuda: the job's return value (the job ran synchronously)
+    result: Any = None  # cuda: the job's return value (it ran synchronously), until waited for
     busy_s: float = 0.0  # cpu: seconds the worker spent in the job
     waited: bool = field(default=False)  # wait() has been called
 
@@ -129,6 +129,7 @@ class CpuDevice(Device):
         for handle in handles:
             assert handle.future is not None
             out.append(handle.future.result())
+            handle.future = None  # drop what the job made: the block keeps every handle
             handle.waited = True
         return out
 
@@ -167,6 +168,7 @@ class CudaDevice(Device):
             _record_stream(handle.result, self.compute)
             handle.waited = True
             out.append(handle.result)
+            handle.result = None  # drop what the job made: the block keeps every handle
         return out
 
     def finish(self) -> None:
