@@ -109,11 +109,11 @@ class WeightStore:
             self.globals = {k: pack_tensor(k, v) for k, v in self.globals.items()}
         self.layers: list[dict[str, StoredTensor]] = [
             self._home(layer, layout.resident(j)) for j, layer in enumerate(weights.layers)]
-        # CPU device: a streamed layer is copied into a reused set of working buffers, handed
-        # back by `release`. Cloning it at every load instead (allocated on the copy thread,
-        # freed on the compute thread) had the allocator return the pages to the OS and fault
-        # them in again: 1.3M page faults and 9.5 of 10 s of decode in a runner's first run
-        # here. Under CUDA the caching allocator already reuses device memory across streams.
+        # CPU device: a streamed layer is copied into a reused set of working buffers (the
+        # double buffering above), handed back by `release`, not into a fresh allocation per
+        # load. A runner's slow first run once blamed on those allocations turned out to be
+        # finished copy jobs keeping their results alive (fixed in device.py); since that fix
+        # the two measured the same here. Under CUDA the caching allocator reuses device memory.
         self.reuse_buffers = device.kind == "cpu"
         self._free: dict[tuple, list[_Buffers]] = {}  # buffer signature -> free sets
         self._lock = threading.Lock()  # load runs on a copy thread, release on compute's
