@@ -186,7 +186,7 @@ class BlockLoop:
         self.new_kv[(j, k)] = (k_new, v_new, x)
         self.outputs[(j, k)] = out
         if k == len(self.batches) - 1:
-            self.weights.release(self.live_weights.pop((i, j)))
+            del self.live_weights[(i, j)]
         if j == spec.num_layers - 1:
             self._sample(i, batch, out)
 

@@ -15,7 +15,6 @@ the device at ``LOAD_WEIGHT`` into its working buffer. Biases and norms stay unc
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -109,14 +108,6 @@ class WeightStore:
             self.globals = {k: pack_tensor(k, v) for k, v in self.globals.items()}
         self.layers: list[dict[str, StoredTensor]] = [
             self._home(layer, layout.resident(j)) for j, layer in enumerate(weights.layers)]
-        # CPU device: a streamed layer is copied into a reused set of working buffers (the
-        # double buffering above), handed back by `release`, not into a fresh allocation per
-        # load. A runner's slow first run once blamed on those allocations turned out to be
-        # finished copy jobs keeping their results alive (fixed in device.py); since that fix
-        # the two measured the same here. Under CUDA the caching allocator reuses device memory.
-        self.reuse_buffers = device.kind == "cpu"
-        self._free: dict[tuple, list[_Buffers]] = {}  # buffer signature -> free sets
-        self._lock = threading.Lock()  # load runs on a copy thread, release on compute's
 
     def _home(self, layer: LayerWeights, resident: bool) -> dict[str, StoredTensor]:
         out: dict[str, StoredTensor] = {}
@@ -147,12 +138,7 @@ class WeightStore:
                                                      and not self.layout.compressed):
             return home, 0  # type: ignore[return-value]
         streamed = self.is_streamed(layer_idx)
-        if streamed and self.reuse_buffers and not self.layout.compressed:
-            out = self._take_buffers(home)
-            for name, t in home.items():
-                out[name].copy_(t)  # type: ignore[arg-type]
-            return out, layer_stored_bytes(home)
-        out = {}
+        out: LayerWeights = {}
         moved = 0
         for name, t in home.items():
             if isinstance(t, QTensor):
@@ -164,19 +150,6 @@ class WeightStore:
                 out[name] = self.device.to_compute(t)
             moved += stored_bytes(t) if streamed else 0
         return out, moved
-
-    def release(self, layer: LayerWeights) -> None:
-        """Hand back a loaded layer once every batch has computed it (no-op unless pooled)."""
-        if isinstance(layer, _Buffers):
-            with self._lock:
-                self._free.setdefault(_signature(layer), []).append(layer)
-
-    def _take_buffers(self, home: dict[str, StoredTensor]) -> _Buffers:
-        with self._lock:
-            free = self._free.get(_signature(home))
-            if free:
-                return free.pop()
-        return _Buffers((name, t.clone()) for name, t in home.items())
 
     def resident_bytes(self) -> int:
         """Device bytes of the globals and the resident layers."""
@@ -192,14 +165,6 @@ class WeightStore:
     def host_bytes(self) -> int:
         return sum(layer_stored_bytes(self.layers[j])
                    for j in range(self.layout.num_resident_layers, self.layout.num_layers))
-
-
-class _Buffers(dict):
-    """A streamed layer's reusable working buffers: a layer dict `release` takes back."""
-
-
-def _signature(layer: dict[str, StoredTensor]) -> tuple:
-    return tuple((name, tuple(t.shape), t.dtype) for name, t in layer.items())
 
 
 def _host_q(q: QTensor, device: Device) -> QTensor:

@@ -71,15 +71,6 @@ def test_weight_store_double_buffers_streamed_layers(llama):
                for k, t in layer.items())
     assert layer["wqkv"].is_mkldnn == store.packed
     assert store.load(0)[1] == 0  # resident: nothing copied
-    # a released layer's buffers are reused by the next streamed load, refilled with its data
-    second, _ = store.load(1)
-    store.release(layer)
-    store.release(store.load(0)[0])  # a resident layer is not pooled
-    third, moved = store.load(1)
-    assert third is layer and second is not layer and moved == llama.layer_bytes(1)
-    assert all(torch.equal(t.to_dense() if t.is_mkldnn else t, llama.layers[1][k])
-               for k, t in third.items())
-    assert store.load(2)[0] is not store.layers[0]
     device.close()
 
 
