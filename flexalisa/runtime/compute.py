@@ -100,17 +100,18 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
                 spec, positions, ctx.dtype))
 
     with ctx.times.section("kv_gather"):
-        k_old, v_old = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
+        k_sel, v_sel = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
                                     skip_cpu=ctx.cpu_attention)  # (B, Hkv, K, D)
         is_new = sel.indices == store.num_tokens  # (B, Hsel, K)
         # gather returns new tensors: the step's own k, v go in at its entries, in place
-        new_entries = is_new.expand(k_old.shape[:3])  # (B, Hkv, K)
-        k_old[new_entries] = k_new.expand(k_old.shape)[new_entries]
-        v_old[new_entries] = v_new.expand(v_old.shape)[new_entries]
-        k_sel, v_sel = k_old, v_old
+        new_entries = is_new.expand(k_sel.shape[:3])  # (B, Hkv, K)
+        k_sel[new_entries] = k_new.expand(k_sel.shape)[new_entries]
+        v_sel[new_entries] = v_new.expand(v_sel.shape)[new_entries]
     with ctx.times.section("attention"):
-        if ctx.cpu_attention:
-            attn, probs = _delegated_attention(q, k_sel, v_sel, store, prepared, is_new)
+        # CPU delegation: the selected CPU-tier entries (the new token is not stored yet)
+        on_cpu = prepared.fetched.masks.cpu & ~is_new & sel.mask if ctx.cpu_attention else None
+        if on_cpu is not None and bool(on_cpu.any()):
+            attn, probs = _delegated_attention(q, k_sel, v_sel, store, prepared, on_cpu)
         elif sel.dense:  # the Engine's fused kernel on the Engine's slot layout
             attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
         else:
@@ -124,17 +125,11 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
 
 
 def _delegated_attention(q: Tensor, k_sel: Tensor, v_sel: Tensor, store: TieredKVStore,
-                         prepared: FetchedSelection, is_new: Tensor) -> tuple[Tensor, Tensor]:
-    """Device partial over GPU/recompute/new entries + host partial over CPU-tier entries."""
-    sel = prepared.selection
-    on_cpu = prepared.fetched.masks.cpu & ~is_new & sel.mask  # (B, Hkv, K)
-    any_on_cpu = bool(on_cpu.any())
-    if sel.dense and not any_on_cpu:  # nothing to delegate: attend as without delegation
-        return dense_attention(q, k_sel, v_sel, sel.mask), None
-    device_mask = sel.mask & ~on_cpu  # (B, Hkv, K)
+                         prepared: FetchedSelection, on_cpu: Tensor) -> tuple[Tensor, Tensor]:
+    """Device partial over GPU/recompute/new entries + host partial over the CPU-tier entries
+    ``on_cpu`` (B, Hkv, K), at least one."""
+    device_mask = prepared.selection.mask & ~on_cpu  # (B, Hkv, K)
     out_dev, lse_dev, p_dev = partial_attention_probs(q, k_sel, v_sel, device_mask[:, :, None])
-    if not any_on_cpu:
-        return out_dev, p_dev
     k_host, v_host, _ = store.cpu_selected(prepared.old_indices)  # (B, Hkv, K, D) on the host
     host_mask = on_cpu.cpu()[:, :, None]  # (B, Hkv, 1, K)
     # the host computes in float32 (half-precision matmuls are slow on CPUs), as FlexGen does
