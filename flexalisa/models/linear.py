@@ -9,10 +9,13 @@ with another summation order, so logits differ from `F.linear`'s in the last bit
 any two BLAS libraries; unlike MKL's, a row's result does not depend on how many rows are
 multiplied with it.
 
-A packed weight is an opaque `torch._mkldnn` tensor: it can only be multiplied (`kv_rows` cuts
-the product, not the matrix), so packing is applied to the Engine's and the runner's own copies
-of the weights, and only to the keys in `PACKED_KEYS` (never to `embed`, which is indexed, even
-when it is tied to `lm_head`: a tied head gets a packed copy, counted in the runner's budget).
+A packed weight is an opaque `torch._mkldnn` tensor: it can only be multiplied, not sliced, so
+packing is applied to the Engine's and the runner's own copies of the weights, and only to the
+keys in `PACKED_KEYS` (never to `embed`, which is indexed, even when it is tied to `lm_head`: a
+tied head gets a packed copy, counted in the runner's budget). Recomputing K, V from a layer's
+input needs only the K, V rows of the fused QKV matrix; where that happens (a runner with a
+recompute tier) `split_qkv` stores the matrix as its Q rows `wq` and K, V rows `wkv`, packed
+apart, so recomputation multiplies `wkv` alone. `qkv_rows` and `kv_rows` take either layout.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexalisa.models.weights import ModelWeights
+from flexalisa.models.weights import LayerWeights, ModelWeights
 
 # weights used only as the right-hand side of `linear` (see flexalisa.models.weights)
-PACKED_KEYS = frozenset({"wqkv", "wo", "w_gate_up", "w_down", "fc1", "fc2", "lm_head",
+PACKED_KEYS = frozenset({"wqkv", "wq", "wkv", "wo", "w_gate_up", "w_down", "fc1", "fc2", "lm_head",
                          "project_in", "project_out"})
 # the M the blocked layout is chosen for (any M works); a large M suited decode and prefill here
 PACK_BATCH_HINT = 4096
@@ -37,15 +40,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def kv_rows(x: Tensor, wqkv: Tensor, bqkv: Tensor | None, q_dim: int) -> Tensor:
+def qkv_rows(x: Tensor, w: LayerWeights, bqkv: Tensor | None, q_dim: int) -> Tensor:
+    """The fused QKV projection x @ [Wq; Wk; Wv]^T + bqkv, (..., Q + 2K), in either layout."""
+    if "wqkv" in w:
+        return linear(x, w["wqkv"], bqkv)
+    return torch.cat([linear(x, w["wq"], None if bqkv is None else bqkv[:q_dim]),
+                      kv_rows(x, w, bqkv, q_dim)], dim=-1)
+
+
+def kv_rows(x: Tensor, w: LayerWeights, bqkv: Tensor | None, q_dim: int) -> Tensor:
     """The K and V part of the fused QKV projection (output features [q_dim, ...)).
 
-    A packed matrix cannot be sliced, so there the whole projection is computed and cut; a
-    plain one multiplies only its K, V rows.
+    Multiplies the K, V rows only: `wkv` where the matrix is split, the rows of a plain
+    `wqkv`; a packed `wqkv` cannot be sliced, so there the whole product is computed and cut.
     """
+    bias = None if bqkv is None else bqkv[q_dim:]
+    if "wkv" in w:
+        return linear(x, w["wkv"], bias)
+    wqkv = w["wqkv"]
     if wqkv.is_mkldnn:
         return linear(x, wqkv, bqkv)[..., q_dim:]
-    return F.linear(x, wqkv[q_dim:], None if bqkv is None else bqkv[q_dim:])
+    return F.linear(x, wqkv[q_dim:], bias)
+
+
+def split_qkv(layer: LayerWeights, q_dim: int) -> LayerWeights:
+    """``layer`` with its plain ``wqkv`` stored as ``wq`` (rows [0, q_dim)) and ``wkv`` (the
+    rest), contiguous, for packing apart; the same bytes. Other tensors are shared."""
+    out = {k: v for k, v in layer.items() if k != "wqkv"}
+    out["wq"] = layer["wqkv"][:q_dim].contiguous()
+    out["wkv"] = layer["wqkv"][q_dim:].contiguous()
+    return out
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:

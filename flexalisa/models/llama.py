@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cost_model.spec import ModelSpec
-from flexalisa.models.linear import kv_rows, linear
+from flexalisa.models.linear import kv_rows, linear, qkv_rows
 from flexalisa.models.weights import LayerWeights
 
 
@@ -70,7 +70,7 @@ def qkv(spec: ModelSpec, w: LayerWeights, x: Tensor, rope: Rope
     """Layer input (B, T, H) -> q (B, Hq, T, D), k and v (B, Hkv, T, D), RoPE applied."""
     batch, length, _ = x.shape
     h = rms_norm(x, w["attn_norm_w"], spec.norm_eps)
-    fused = linear(h, w["wqkv"])  # (B, T, Q + 2K)
+    fused = qkv_rows(h, w, None, spec.q_dim)  # (B, T, Q + 2K)
     qk_heads = spec.num_heads + spec.num_kv_heads
     # q and k share head_dim and positions: one RoPE over both
     qk = apply_rope(fused[..., :spec.q_dim + spec.kv_dim].view(
@@ -85,7 +85,7 @@ def kv_from_hidden(spec: ModelSpec, w: LayerWeights, x: Tensor, rope: Rope
     """Recompute K (RoPE'd at the tokens' positions), V (B, Hkv, T, D) from layer inputs."""
     batch, length, _ = x.shape
     h = rms_norm(x, w["attn_norm_w"], spec.norm_eps)
-    k, v = kv_rows(h, w["wqkv"], None, spec.q_dim).split([spec.kv_dim, spec.kv_dim], dim=-1)
+    k, v = kv_rows(h, w, None, spec.q_dim).split([spec.kv_dim, spec.kv_dim], dim=-1)
     k = apply_rope(k.view(batch, length, spec.num_kv_heads, spec.head_dim), rope)
     return k.transpose(1, 2), _split_heads(v, spec.num_kv_heads, spec.head_dim)
 

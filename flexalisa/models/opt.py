@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cost_model.spec import ModelSpec
-from flexalisa.models.linear import kv_rows, linear
+from flexalisa.models.linear import kv_rows, linear, qkv_rows
 from flexalisa.models.weights import LayerWeights
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding reserves two rows
@@ -44,7 +44,7 @@ def _attn_input(spec: ModelSpec, w: LayerWeights, x: Tensor) -> Tensor:
 def qkv(spec: ModelSpec, w: LayerWeights, x: Tensor, positions: Tensor
         ) -> tuple[Tensor, Tensor, Tensor]:
     """Layer input (B, T, H) -> q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
-    fused = linear(_attn_input(spec, w, x), w["wqkv"], w["bqkv"])  # (B, T, Q+2K)
+    fused = qkv_rows(_attn_input(spec, w, x), w, w["bqkv"], spec.q_dim)  # (B, T, Q+2K)
     q, k, v = fused.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
     return (_split_heads(q, spec.num_heads, spec.head_dim),
             _split_heads(k, spec.num_kv_heads, spec.head_dim),
@@ -55,7 +55,7 @@ def kv_from_hidden(spec: ModelSpec, w: LayerWeights, x: Tensor, positions: Tenso
                    ) -> tuple[Tensor, Tensor]:
     """Recompute K, V (B, Hkv, T, D) from stored layer inputs (B, T, H)."""
     q_dim, kv_dim = spec.q_dim, spec.kv_dim
-    fused = kv_rows(_attn_input(spec, w, x), w["wqkv"], w["bqkv"], q_dim)
+    fused = kv_rows(_attn_input(spec, w, x), w, w["bqkv"], q_dim)
     k, v = fused.split([kv_dim, kv_dim], dim=-1)  # (B, T, K) each
     return (_split_heads(k, spec.num_kv_heads, spec.head_dim),
             _split_heads(v, spec.num_kv_heads, spec.head_dim))

@@ -79,7 +79,8 @@ class OffloadRunner:
         self.method = make_method(policy.sparsity_method, policy.sparsity)
         layout = WeightLayout.from_share(policy.weights_gpu_share, self.spec.num_layers,
                                          policy.weight_compression == "int4")
-        self.weights = WeightStore(weights, layout, self.device, self.dtype)
+        self.weights = WeightStore(weights, layout, self.device, self.dtype,
+                                   recompute=policy.kv_recompute_share > 0)
         self.timing, self.check_integrity = timing, check_integrity
         self._ops: dict[tuple[BlockShape, bool], list[BlockOp]] = {}
 

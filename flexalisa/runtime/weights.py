@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from flexalisa.kv.quant import QTensor, dequantize, quantize
-from flexalisa.models.linear import can_pack, pack_tensor
+from flexalisa.models.linear import can_pack, pack_tensor, split_qkv
 from flexalisa.models.weights import LayerWeights, ModelWeights
 from flexalisa.runtime.device import Device
 
@@ -91,14 +91,21 @@ def compressed_layer_bytes(layer: LayerWeights, dtype: torch.dtype) -> int:
 
 
 class WeightStore:
-    """Home copies of the layers, and ``load(layer_idx)`` giving a device-ready dict."""
+    """Home copies of the layers, and ``load(layer_idx)`` giving a device-ready dict.
+
+    ``recompute``: K, V will be recomputed from layer inputs (a recompute tier). Packed layers
+    then keep their QKV matrix as ``wq`` and ``wkv`` (``split_qkv``, the same bytes), so that a
+    recomputation multiplies the K, V rows only, as the cost model counts it.
+    """
 
     def __init__(self, weights: ModelWeights, layout: WeightLayout, device: Device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, recompute: bool = False) -> None:
         self.layout, self.device, self.dtype = layout, device, dtype
         compute = device.torch_device
         # fp32 on CPU: uncompressed matrices are used oneDNN-packed (flexalisa.models.linear)
         self.packed = can_pack(compute, dtype)
+        split = recompute and self.packed and not layout.compressed
+        self.q_dim = weights.spec.q_dim if split else None  # where wqkv is split, if it is
         self.globals = {k: v.to(compute, dtype if v.is_floating_point() else None)
                         for k, v in weights.globals.items()}
         if "lm_head" in weights.globals and weights.globals["lm_head"] is weights.globals.get(
@@ -110,6 +117,8 @@ class WeightStore:
             self._home(layer, layout.resident(j)) for j, layer in enumerate(weights.layers)]
 
     def _home(self, layer: LayerWeights, resident: bool) -> dict[str, StoredTensor]:
+        if self.q_dim is not None and "wqkv" in layer:
+            layer = split_qkv(layer, self.q_dim)
         out: dict[str, StoredTensor] = {}
         for name, t in layer.items():
             t = t.to(self.dtype)

@@ -16,6 +16,8 @@ from flexalisa.models.linear import (
     linear,
     pack_tensor,
     pack_weights,
+    qkv_rows,
+    split_qkv,
 )
 from flexalisa.models.weights import ModelWeights
 from flexalisa.runtime import BlockShapeInfo, OffloadRunner, plan_block
@@ -42,13 +44,39 @@ def test_packed_linear_matches_f_linear_and_does_not_depend_on_row_count():
 
 
 @needs_pack
-def test_kv_rows_of_a_packed_matrix_equal_the_sliced_product():
+def test_kv_rows_and_qkv_rows_agree_over_the_three_layouts():
+    """Plain wqkv (rows sliced), packed wqkv (product cut) and split packed wq / wkv give the
+    same projections; the split layout's K, V come from wkv alone."""
     torch.manual_seed(1)
     w, b, x = torch.randn(48, 16), torch.randn(48), torch.randn(2, 5, 16)
-    packed = pack_weights_dict({"wqkv": w})["wqkv"]
-    torch.testing.assert_close(kv_rows(x, packed, b, 16), kv_rows(x, w, b, 16),
+    plain = {"wqkv": w}
+    packed = pack_weights_dict(plain)
+    split = pack_weights_dict(split_qkv(plain, 16))
+    assert set(split) == {"wq", "wkv"} and split["wkv"].is_mkldnn
+    want_kv, want_qkv = F.linear(x, w[16:], b[16:]), F.linear(x, w, b)
+    for layer in (plain, packed, split):
+        torch.testing.assert_close(kv_rows(x, layer, b, 16), want_kv, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(qkv_rows(x, layer, b, 16), want_qkv, atol=1e-5, rtol=1e-5)
+    assert kv_rows(x, plain, None, 16).shape == (2, 5, 32)
+    split_only_kv = {"wkv": split["wkv"]}  # recomputation never touches wq
+    torch.testing.assert_close(kv_rows(x, split_only_kv, None, 16), F.linear(x, w[16:]),
                                atol=1e-5, rtol=1e-5)
-    assert kv_rows(x, w, None, 16).shape == (2, 5, 32)
+
+
+@needs_pack
+def test_a_runner_with_a_recompute_tier_splits_qkv_in_the_same_bytes(tiny_models):
+    weights, _ = load_model(tiny_models["llama"][0])
+    stores = {}
+    for name in ("all_on_device", "kv_30_50_20"):
+        runner = OffloadRunner(weights, make_policy(name, 1, False, False, gpu_batch_size=2))
+        try:
+            stores[name] = runner.weights
+        finally:
+            runner.close()
+    dense, recompute = stores["all_on_device"].layers[0], stores["kv_30_50_20"].layers[0]
+    assert "wqkv" in dense and "wq" not in dense
+    assert "wqkv" not in recompute and recompute["wq"].is_mkldnn and recompute["wkv"].is_mkldnn
+    assert stores["kv_30_50_20"].resident_bytes() == stores["all_on_device"].resident_bytes()
 
 
 def pack_weights_dict(layer: dict) -> dict:
