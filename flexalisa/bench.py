@@ -14,7 +14,7 @@ import torch
 
 from flexalisa.errors import FlexalisaError
 from flexalisa.models.weights import ModelWeights
-from flexalisa.report import RunStats, summarize_runs
+from flexalisa.report import RunStats, summarize_runs, timing_stats
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,20 @@ def load_bench_weights(cfg: BenchConfig) -> ModelWeights:
 def synthetic_prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (batch, length), generator=gen).tolist()
+
+
+def run_timings(res) -> dict:
+    """One GenerationResult's timings and counters, as ``summarize_timings`` reads them."""
+    return {"prefill_s": res.prefill_s, "decode_s": res.decode_s, "extras": res.extras}
+
+
+def summarize_timings(runs: list[dict], batch: int, prompt_len: int, gen_len: int) -> dict:
+    """The workload and the median / min / max FlexGen throughputs of timed runs
+    (``run_timings`` or peers' ``time_hf`` dicts) of ``batch`` rows at exact lengths."""
+    row = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": len(runs)}
+    row.update(summarize_runs([timing_stats(batch, prompt_len, gen_len, r["prefill_s"],
+                                            r["decode_s"]) for r in runs]))
+    return row
 
 
 def run_bench(cfg: BenchConfig, generator) -> dict:

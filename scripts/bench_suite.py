@@ -31,20 +31,14 @@ import torch
 from cost_model import HardwareProfile
 from cost_model.profiling import cpu_description
 from flexalisa.attention import make_method
-from flexalisa.bench import synthetic_prompts
+from flexalisa.bench import run_timings, summarize_timings, synthetic_prompts
 from flexalisa.engine import Engine
 from flexalisa.errors import BudgetError, FlexalisaError
 from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
 from flexalisa.placement import SEARCH_RETRIES, SEARCH_SHRINK
 from flexalisa.plots import render_all
-from flexalisa.report import (
-    RunStats,
-    kv_memory_per_step,
-    runtime_sections,
-    summarize_runs,
-    timing_stats,
-)
+from flexalisa.report import RunStats, kv_memory_per_step, runtime_sections
 from flexalisa.runtime import OffloadRunner
 from policy import SearchSpace, search
 
@@ -59,22 +53,10 @@ SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=
              gpu_mem=None, repeat=1, hf_repeat=1)
 
 
-def run_timings(res) -> dict:
-    """One GenerationResult's timings and counters, as the summaries read them."""
-    return {"prefill_s": res.prefill_s, "decode_s": res.decode_s, "extras": res.extras}
-
-
 def timed(fn, repeat: int) -> list[dict]:
     """`fn()` -> GenerationResult, once to warm up then `repeat` times; per-run timings."""
     fn()
     return [run_timings(fn()) for _ in range(repeat)]
-
-
-def summarize(runs: list[dict], batch: int, prompt_len: int, gen_len: int) -> dict:
-    row = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": len(runs)}
-    row.update(summarize_runs([timing_stats(batch, prompt_len, gen_len, r["prefill_s"],
-                                            r["decode_s"]) for r in runs]))
-    return row
 
 
 def with_roofline(row: dict, spec, peak_flops: float, attended_share: float = 1.0) -> dict:
@@ -93,10 +75,11 @@ def dense_vs_hf(model_path, weights, sizes: dict, peak: float) -> list[dict]:
     for _ in range(sizes["hf_repeat"]):  # alternating, so both sides share the machine's drift
         ours.append(run_timings(engine.generate(prompts, gen_len, ignore_eos=True)))
         theirs.append(time_hf(hf, prompts, gen_len))
-    rows = [with_roofline({"label": "flexalisa", **summarize(ours, batch, prompt_len, gen_len)},
+    shape = (batch, prompt_len, gen_len)
+    rows = [with_roofline({"label": "flexalisa", **summarize_timings(ours, *shape)},
                           weights.spec, peak),
-            with_roofline({"label": "hf-transformers",
-                           **summarize(theirs, batch, prompt_len, gen_len)}, weights.spec, peak)]
+            with_roofline({"label": "hf-transformers", **summarize_timings(theirs, *shape)},
+                          weights.spec, peak)]
     rows[0]["ratio_vs_hf"] = rows[0]["total_tok_s"] / rows[1]["total_tok_s"]
     return rows
 
@@ -114,7 +97,7 @@ def sparse_vs_dense(weights, sizes: dict, peak: float) -> list[dict]:
             runs = timed(lambda e=engine, p=prompts: e.generate(p, gen_len, ignore_eos=True),
                          sizes["repeat"])
             row = {"label": f"swa@{sparsity}" if sparsity else "dense",
-                   **summarize(runs, batch, prompt_len, gen_len)}
+                   **summarize_timings(runs, batch, prompt_len, gen_len)}
             dense_tok_s = dense_tok_s or row["decode_tok_s"]
             row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense_tok_s
             rows.append(with_roofline(row, weights.spec, peak, 1 - sparsity))
@@ -150,7 +133,7 @@ def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[di
             runs = timed(lambda r=runner, p=prompts: r.generate(p, gen_len, ignore_eos=True),
                          sizes["repeat"])
             runner.close()
-            row = {"label": label, **summarize(runs, batch, prompt_len, gen_len),
+            row = {"label": label, **summarize_timings(runs, batch, prompt_len, gen_len),
                    "policy": result.policy.describe(),
                    "predicted_total_tok_s": result.prediction.total_tok_per_s}
             rows.append(row)

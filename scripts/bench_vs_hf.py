@@ -18,22 +18,10 @@ import sys
 import torch
 
 from cost_model.profiling import cpu_description
-from flexalisa.bench import synthetic_prompts
+from flexalisa.bench import run_timings, summarize_timings, synthetic_prompts
 from flexalisa.engine import Engine
 from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import gemm_peak_flops, load_hf_model, time_hf, workload_flops
-from flexalisa.report import summarize_runs, timing_stats
-
-
-def time_ours(engine: Engine, prompts: list[list[int]], gen_len: int) -> dict:
-    res = engine.generate(prompts, gen_len, ignore_eos=True)
-    assert sum(len(t) for t in res.tokens) == len(prompts) * gen_len
-    return {"prefill_s": res.prefill_s, "decode_s": res.decode_s}
-
-
-def summarize(runs: list[dict], batch: int, prompt_len: int, gen_len: int) -> dict:
-    return summarize_runs([timing_stats(batch, prompt_len, gen_len, r["prefill_s"],
-                                        r["decode_s"]) for r in runs])
 
 
 def compare(model_path, batch: int, prompt_len: int, gen_len: int, repeat: int) -> dict:
@@ -43,14 +31,16 @@ def compare(model_path, batch: int, prompt_len: int, gen_len: int, repeat: int) 
     engine = Engine(weights)
     ours, theirs = [], []
     for i in range(repeat + 1):  # run 0 warms both up
-        o, h = time_ours(engine, prompts, gen_len), time_hf(hf, prompts, gen_len)
+        res = engine.generate(prompts, gen_len, ignore_eos=True)
+        assert sum(len(t) for t in res.tokens) == len(prompts) * gen_len
+        o, h = run_timings(res), time_hf(hf, prompts, gen_len)
         print(f"run {i}: flexalisa {o} | hf {h}", file=sys.stderr)
         if i:
             ours.append(o)
             theirs.append(h)
     shape = (batch, prompt_len, gen_len)
     flops, peak = workload_flops(weights.spec, *shape), gemm_peak_flops()
-    ours_s, hf_s = summarize(ours, *shape), summarize(theirs, *shape)
+    ours_s, hf_s = summarize_timings(ours, *shape), summarize_timings(theirs, *shape)
     return {
         "model": str(model_path).rsplit("/", 1)[-1], "batch": batch, "prompt_len": prompt_len,
         "gen_len": gen_len, "repeat": repeat, "threads": torch.get_num_threads(),
