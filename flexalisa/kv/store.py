@@ -205,9 +205,11 @@ class TieredKVStore:
         """Which tier each selected entry of ``indices`` (B, K) | (B, Hkv, K) lives in."""
         return selection.tier_masks(self, indices)
 
-    def fetch(self, indices: Tensor, skip_cpu: bool = False) -> selection.FetchedKV:
-        """``load_kv``: copy the selected CPU-tier K,V and recompute hidden states to the device."""
-        return selection.fetch(self, indices, skip_cpu)
+    def fetch(self, indices: Tensor, skip_cpu: bool = False,
+              dense: bool = False) -> selection.FetchedKV:
+        """``load_kv``: copy the selected CPU-tier K,V and recompute hidden states to the device
+        (``dense``: a dense selection, copied by tier ranges)."""
+        return selection.fetch(self, indices, skip_cpu, dense)
 
     def gather(self, indices: Tensor, recompute_kv: selection.RecomputeFn | None,
                fetched: selection.FetchedKV | None = None,

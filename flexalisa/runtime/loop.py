@@ -145,7 +145,7 @@ class BlockLoop:
 
         def job() -> Any:
             old = clamp_to_stored(sel, store.num_tokens)
-            fetched = store.fetch(old, skip_cpu=self.ctx.cpu_attention)
+            fetched = store.fetch(old, skip_cpu=self.ctx.cpu_attention, dense=sel.dense)
             self.prepared[key] = FetchedSelection(sel, old, fetched)
             return self.prepared[key]
 

@@ -113,6 +113,45 @@ def test_gather_equals_single_tier_reference(plan: TierPlan, batch: int, heads: 
     assert bool((masks.gpu.int() + masks.cpu.int() + masks.recompute.int() == 1).all())
 
 
+@FAST
+@given(plans(), st.integers(1, 3), st.integers(1, 2), st.data())
+def test_dense_fetch_reads_ranges_and_equals_the_reference(plan: TierPlan, batch: int,
+                                                           heads: int,
+                                                           data: st.DataObject) -> None:
+    """A dense selection (entry s = slot s, left padding pointing at the last slot, one entry
+    past the stored slots for the step's own token) read by ranges: equal to the reference at
+    every selected entry, and the same token counters as the entry-by-entry read."""
+    from flexalisa.attention.selection import dense_selection
+
+    num_tokens = plan.steps[-1].num_tokens
+    hidden, k, v = make_reference(batch, heads, num_tokens, seed=num_tokens)
+    stores = [make_store(plan, batch, heads) for _ in range(2)]
+    for store in stores:
+        run_steps(store, plan, hidden, k, v)
+    valid = torch.ones(batch, num_tokens + 1, dtype=torch.bool)
+    for row in range(batch):
+        valid[row, :data.draw(st.integers(0, num_tokens - 1))] = False  # left padding
+    sel = dense_selection(valid)
+    indices = sel.indices.clamp(max=num_tokens - 1)  # the new token's entry is not stored
+    by_entry = stores[0].gather(indices, recompute_kv, fetched=stores[0].fetch(indices))
+    fetched = stores[1].fetch(indices, dense=True)
+    assert fetched.dense
+    by_range = stores[1].gather(indices, recompute_kv, fetched=fetched)
+    selected = valid[:, None, :, None].expand_as(by_entry[0])  # (B, Hkv, K, D)
+    for got, want in zip(by_range, by_entry, strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got[selected], want[selected])
+    stored = valid[:, None, :num_tokens].expand(batch, heads, -1)
+    rows, cols = torch.arange(batch)[:, None, None], torch.arange(heads)[None, :, None]
+    slots = torch.arange(num_tokens).expand(batch, heads, -1)
+    assert torch.equal(by_range[0][:, :, :num_tokens][stored], k[rows, cols, slots][stored])
+    for name in ("tokens_fetched", "tokens_recomputed"):
+        assert getattr(stores[1].counters, name) == getattr(stores[0].counters, name), name
+    if num_tokens > 1:
+        with pytest.raises(ValueError, match="an entry per stored slot"):
+            stores[1].fetch(indices[..., :num_tokens - 1], dense=True)
+
+
 def test_recompute_callback_gets_distinct_slots_per_row() -> None:
     plan = plan_tiers(TierPlanConfig(10, 1, 0.5, 0.0, 0.5, phase2_start_step=0,
                                      phase3_start_step=0))
