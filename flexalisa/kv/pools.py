@@ -86,6 +86,18 @@ class KVRing:
         return ([p.index_select(2, ring_idx) for p in self.k_parts],
                 [p.index_select(2, ring_idx) for p in self.v_parts])
 
+    def range_views(self, start: int, end: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Views of K and V at slots [start, end) of an uncompressed ring, in slot order: one
+        (B, Hkv, ·, D) piece each, or two where the range wraps around the ring's end."""
+        if self.bits is not None:
+            raise ValueError("range_views reads an uncompressed ring; decode read_range instead")
+        if end <= start:
+            return [], []
+        first, last = start % self.capacity, (end - 1) % self.capacity + 1
+        spans = [(first, last)] if first < last else [(first, self.capacity), (0, last)]
+        return ([self.k_parts[0][:, :, a:b] for a, b in spans],
+                [self.v_parts[0][:, :, a:b] for a, b in spans])
+
     def gather_slots(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Dequantized K, V at ``slots`` (B, Hkv, K) — any slot stored here — as (B, Hkv, K, D)."""
         if self.capacity == 0:

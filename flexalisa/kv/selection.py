@@ -58,7 +58,7 @@ class FetchedKV:
     """What ``load_kv`` brought to the device for one selection of one store."""
 
     indices: Tensor  # (B, Hkv, K) int64 slot indices, on the device
-    masks: TierMasks  # on the device
+    masks: TierMasks | None  # on the device; None for a dense fetch (read by ranges)
     cpu_k: list[Tensor]  # stored parts of the m selected CPU-tier K entries, each (m, ·)
     cpu_v: list[Tensor]  # same for V; empty lists when skipped or none selected
     num_cpu_entries: int  # m: selected (row, head, slot) entries in the CPU tier
@@ -127,10 +127,10 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False,
     ``skip_cpu``: leave CPU-tier entries on the host (the runner attends them there).
     ``dense``: ``indices`` is a dense selection (module docstring), read by ranges.
     """
+    if dense and not skip_cpu:
+        return _fetch_dense(store, indices)
     idx = _expand(store, indices)
     masks = _masks(store, idx)
-    if dense and not skip_cpu:
-        return _fetch_dense(store, idx, masks)
     cpu_k: list[Tensor] = []
     cpu_v: list[Tensor] = []
     num_cpu_entries = int(masks.cpu.sum())
@@ -155,32 +155,42 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False,
 
 
 def _selected_in(idx: Tensor, tokens: TokenRange) -> int:
-    """Selected (row, slot) pairs of a dense selection's entries in ``tokens``: the entries
+    """Selected (row, slot) pairs of a dense selection (B, ·, K) in ``tokens``: the entries
     whose slot is their own position (padding entries point elsewhere)."""
-    own = torch.arange(tokens.start, tokens.end)
+    if not len(tokens):
+        return 0
+    own = torch.arange(tokens.start, tokens.end, device=idx.device)
     return int((idx[:, 0, tokens.start:tokens.end] == own).sum())
 
 
-def _fetch_dense(store: TieredKVStore, idx: Tensor, masks: TierMasks) -> FetchedKV:
-    num_entries = idx.shape[-1]
-    if num_entries < store.num_tokens:
-        raise ValueError(f"a dense selection has an entry per stored slot: {num_entries} "
+def _fetch_dense(store: TieredKVStore, indices: Tensor) -> FetchedKV:
+    """A dense selection's fetch: the CPU range copied whole, the recompute range's hidden
+    states; no per-entry tier masks (a dense gather reads by ranges) and no host copy of the
+    indices."""
+    cfg = store.config
+    idx = indices[:, None] if indices.dim() == 2 else indices
+    if idx.dim() != 3 or idx.shape[0] != cfg.batch_size or idx.shape[1] not in (
+            1, cfg.num_kv_heads):
+        raise ValueError(f"indices must be (B, K) or (B, 1|Hkv, K) with B={cfg.batch_size}, "
+                         f"Hkv={cfg.num_kv_heads}; got {tuple(indices.shape)}")
+    if idx.shape[-1] < store.num_tokens:
+        raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
                          f"entries for {store.num_tokens} slots")
     cpu_range, recompute_range = store.ranges[Tier.CPU], store.ranges[Tier.RECOMPUTE]
     cpu_k, cpu_v = store.cpu.read_range(cpu_range.start, cpu_range.end)
     cpu_k, cpu_v = _to_device(store, cpu_k), _to_device(store, cpu_v)
+    num_cpu = _selected_in(idx, cpu_range)
     if len(cpu_range):
         store.counters.h2d_bytes += sum(p.numel() * p.element_size() for p in cpu_k + cpu_v)
-        store.counters.tokens_fetched += _selected_in(idx, cpu_range)
+        store.counters.tokens_fetched += num_cpu
     num_rec = len(recompute_range)
-    slots = torch.arange(num_rec).expand(idx.shape[0], num_rec)  # (B, r)
+    slots = torch.arange(num_rec).expand(cfg.batch_size, num_rec)  # (B, r)
     hidden = store.hidden.hidden[:, :num_rec]  # (B, r, hidden), a view of the pool
     if num_rec:
         store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
-    device_masks = TierMasks(*_to_device(store, [masks.gpu, masks.cpu, masks.recompute]))
-    return FetchedKV(indices=idx.to(store.device), masks=device_masks, cpu_k=cpu_k, cpu_v=cpu_v,
-                     num_cpu_entries=int(masks.cpu.sum()), cpu_skipped=False,
-                     recompute_slots=slots.to(store.device),
+    return FetchedKV(indices=idx.expand(-1, cfg.num_kv_heads, -1), masks=None,
+                     cpu_k=cpu_k, cpu_v=cpu_v, num_cpu_entries=num_cpu * cfg.num_kv_heads,
+                     cpu_skipped=False, recompute_slots=slots.to(store.device),
                      recompute_hidden=_to_device(store, [hidden])[0],
                      num_recompute=_selected_in(idx, recompute_range), version=store.version,
                      dense=True)
@@ -192,9 +202,9 @@ def _gather_dense(store: TieredKVStore, fetched: FetchedKV,
     step's own token) repeat the last stored slot, for the caller to overwrite."""
     num_stored = store.num_tokens
     cpu_range = store.ranges[Tier.CPU]
-    gpu_k, gpu_v = store.gpu.read_range(cpu_range.end, num_stored)
-    k_parts = [store.cpu.decode(fetched.cpu_k), store.gpu.decode(gpu_k)]
-    v_parts = [store.cpu.decode(fetched.cpu_v), store.gpu.decode(gpu_v)]
+    gpu_k, gpu_v = store.gpu.range_views(cpu_range.end, num_stored)  # copied once, below
+    k_parts = [store.cpu.decode(fetched.cpu_k), *gpu_k]
+    v_parts = [store.cpu.decode(fetched.cpu_v), *gpu_v]
     if fetched.recompute_slots.shape[1]:
         if recompute_kv is None:
             raise ValueError("recompute-tier slots are selected but no recompute_kv was given")

@@ -288,6 +288,23 @@ def test_gpu_ring_wraps_around() -> None:
     run_steps(store, plan, hidden, k, v)
     indices = torch.arange(14)[None]
     assert torch.equal(store.gather(indices, None)[0], k[:, :, :14])
+    k_dense, _ = store.gather(indices, None, fetched=store.fetch(indices, dense=True))
+    assert torch.equal(k_dense, k[:, :, :14])
+
+
+def test_range_views_follow_a_wrapped_ring() -> None:
+    from flexalisa.kv.pools import KVRing
+
+    ring = KVRing(2, 1, 4, 4, torch.float32, torch.device("cpu"), None, 4)
+    k, v = torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
+    ring.write(0, k[:, :, :4], v[:, :, :4])
+    ring.write(4, k[:, :, 4:], v[:, :, 4:])  # slots 4, 5 reuse ring slots 0, 1
+    k_views, v_views = ring.range_views(2, 6)
+    assert [t.shape[2] for t in k_views] == [2, 2]  # ring [2, 4) then [0, 2)
+    assert torch.equal(torch.cat(k_views, dim=2), k[:, :, 2:6])
+    assert torch.equal(torch.cat(v_views, dim=2), v[:, :, 2:6])
+    assert [t.shape[2] for t in ring.range_views(4, 6)[0]] == [2]
+    assert ring.range_views(3, 3) == ([], [])
 
 
 @pytest.mark.gpu
