@@ -13,13 +13,8 @@ Each selected entry is read from the tier holding its slot::
                       K,V (B, Hkv, R, D) on the device (the caller's K/V projection + RoPE; it
                       maps slot indices to RoPE positions, e.g. subtracting each row's left pad)
 
-A **dense** selection (``fetch(..., dense=True)``: entry ``s`` is slot ``s`` for every stored
-slot, as ``flexalisa.attention.selection.dense_selection`` builds it, with any further entries
-read as padding) covers every tier whole, so it is read by ranges: the CPU tier's range is
-copied as one block, the recompute range rebuilt whole, and the gather is the three ranges laid
-end to end. Entries for left padding then hold their own slot's K, V instead of a repeated
-slot's; they are masked either way. Counters count the selected (non-padding) tokens, bytes the
-ranges copied.
+A dense selection (every stored slot, in slot order) is read by ranges instead
+(``flexalisa.kv.dense``); the store dispatches on ``fetch(..., dense=True)``.
 
 ``fetch`` does only the copies, so the runner can issue it ahead on a copy stream or thread;
 ``gather`` needs the layer's weights (for recomputation) and runs at compute time. The per-row
@@ -36,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from flexalisa.schedule import Tier, TokenRange
+from flexalisa.schedule import Tier
 
 if TYPE_CHECKING:  # store.py imports this module for its methods
     from flexalisa.kv.store import TieredKVStore
@@ -67,8 +62,8 @@ class FetchedKV:
     recompute_hidden: Tensor  # (B, R, hidden) their layer inputs, on the device
     num_recompute: int  # distinct (row, slot) pairs among recompute_slots, padding excluded
     version: int  # store.version at fetch time; any later move makes this stale
-    # True: a dense fetch; cpu_k / cpu_v are the CPU tier's whole range, (B, Hkv, c, ·) each,
-    # and recompute_slots every slot of the recompute range, (B, r)
+    # True: a dense fetch (flexalisa.kv.dense); cpu_k / cpu_v are the CPU tier's whole range,
+    # (B, Hkv, c, ·) each, and recompute_slots every slot of the recompute range, (B, r)
     dense: bool = False
 
 
@@ -101,7 +96,7 @@ def tier_masks(store: TieredKVStore, indices: Tensor) -> TierMasks:
     return TierMasks(*(m.to(indices.device) for m in (masks.gpu, masks.cpu, masks.recompute)))
 
 
-def _to_device(store: TieredKVStore, parts: list[Tensor]) -> list[Tensor]:
+def to_device(store: TieredKVStore, parts: list[Tensor]) -> list[Tensor]:
     pin = torch.cuda.is_available() and store.device.type == "cuda"
     return [(p.pin_memory() if pin else p).to(store.device, non_blocking=pin) for p in parts]
 
@@ -120,15 +115,11 @@ def _recompute_slots(idx: Tensor, mask: Tensor) -> tuple[Tensor, int]:
     return slots, sum(len(r) for r in rows)
 
 
-def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False,
-          dense: bool = False) -> FetchedKV:
+def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False) -> FetchedKV:
     """Copy the selection's CPU-tier entries and recompute hidden states to the device.
 
     ``skip_cpu``: leave CPU-tier entries on the host (the runner attends them there).
-    ``dense``: ``indices`` is a dense selection (module docstring), read by ranges.
     """
-    if dense and not skip_cpu:
-        return _fetch_dense(store, indices)
     idx = _expand(store, indices)
     masks = _masks(store, idx)
     cpu_k: list[Tensor] = []
@@ -138,7 +129,7 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False,
         batch_idx, head_idx, _ = masks.cpu.nonzero(as_tuple=True)
         slots = idx[masks.cpu]  # (m,)
         k_parts, v_parts = store.cpu.gather_entries(batch_idx, head_idx, slots)
-        cpu_k, cpu_v = _to_device(store, k_parts), _to_device(store, v_parts)
+        cpu_k, cpu_v = to_device(store, k_parts), to_device(store, v_parts)
         store.counters.h2d_bytes += sum(p.numel() * p.element_size() for p in k_parts + v_parts)
         store.counters.tokens_fetched += int(torch.unique(batch_idx * store.num_tokens
                                                           + slots).numel())
@@ -146,87 +137,12 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False,
     hidden = store.hidden.hidden[torch.arange(idx.shape[0])[:, None], slots]  # (B, R, hidden)
     if num_recompute:
         store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
-    device_masks = TierMasks(*_to_device(store, [masks.gpu, masks.cpu, masks.recompute]))
+    device_masks = TierMasks(*to_device(store, [masks.gpu, masks.cpu, masks.recompute]))
     return FetchedKV(indices=idx.to(store.device), masks=device_masks, cpu_k=cpu_k, cpu_v=cpu_v,
                      num_cpu_entries=num_cpu_entries, cpu_skipped=skip_cpu,
                      recompute_slots=slots.to(store.device),
-                     recompute_hidden=_to_device(store, [hidden])[0],
+                     recompute_hidden=to_device(store, [hidden])[0],
                      num_recompute=num_recompute, version=store.version)
-
-
-def _selected_in(idx: Tensor, tokens: TokenRange) -> int:
-    """Selected (row, slot) pairs of a dense selection (B, ·, K) in ``tokens``: the entries
-    whose slot is their own position (padding entries point elsewhere)."""
-    if not len(tokens):
-        return 0
-    own = torch.arange(tokens.start, tokens.end, device=idx.device)
-    return int((idx[:, 0, tokens.start:tokens.end] == own).sum())
-
-
-def _fetch_dense(store: TieredKVStore, indices: Tensor) -> FetchedKV:
-    """A dense selection's fetch: the CPU range copied whole, the recompute range's hidden
-    states; no per-entry tier masks (a dense gather reads by ranges) and no host copy of the
-    indices."""
-    cfg = store.config
-    idx = indices[:, None] if indices.dim() == 2 else indices
-    if idx.dim() != 3 or idx.shape[0] != cfg.batch_size or idx.shape[1] not in (
-            1, cfg.num_kv_heads):
-        raise ValueError(f"indices must be (B, K) or (B, 1|Hkv, K) with B={cfg.batch_size}, "
-                         f"Hkv={cfg.num_kv_heads}; got {tuple(indices.shape)}")
-    if idx.shape[-1] < store.num_tokens:
-        raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
-                         f"entries for {store.num_tokens} slots")
-    cpu_range, recompute_range = store.ranges[Tier.CPU], store.ranges[Tier.RECOMPUTE]
-    cpu_k, cpu_v = store.cpu.read_range(cpu_range.start, cpu_range.end)
-    cpu_k, cpu_v = _to_device(store, cpu_k), _to_device(store, cpu_v)
-    num_cpu = _selected_in(idx, cpu_range)
-    if len(cpu_range):
-        store.counters.h2d_bytes += sum(p.numel() * p.element_size() for p in cpu_k + cpu_v)
-        store.counters.tokens_fetched += num_cpu
-    num_rec = len(recompute_range)
-    slots = torch.arange(num_rec).expand(cfg.batch_size, num_rec)  # (B, r)
-    hidden = store.hidden.hidden[:, :num_rec]  # (B, r, hidden), a view of the pool
-    if num_rec:
-        store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
-    return FetchedKV(indices=idx.expand(-1, cfg.num_kv_heads, -1), masks=None,
-                     cpu_k=cpu_k, cpu_v=cpu_v, num_cpu_entries=num_cpu * cfg.num_kv_heads,
-                     cpu_skipped=False, recompute_slots=slots.to(store.device),
-                     recompute_hidden=_to_device(store, [hidden])[0],
-                     num_recompute=_selected_in(idx, recompute_range), version=store.version,
-                     dense=True)
-
-
-def _gather_dense(store: TieredKVStore, fetched: FetchedKV,
-                  recompute_kv: RecomputeFn | None) -> tuple[Tensor, Tensor]:
-    """The three tier ranges end to end (B, Hkv, K, D); entries past the stored slots (the
-    step's own token) repeat the last stored slot, for the caller to overwrite."""
-    num_stored = store.num_tokens
-    cpu_range = store.ranges[Tier.CPU]
-    gpu_k, gpu_v = store.gpu.range_views(cpu_range.end, num_stored)  # copied once, below
-    k_parts = [store.cpu.decode(fetched.cpu_k), *gpu_k]
-    v_parts = [store.cpu.decode(fetched.cpu_v), *gpu_v]
-    if fetched.recompute_slots.shape[1]:
-        if recompute_kv is None:
-            raise ValueError("recompute-tier slots are selected but no recompute_kv was given")
-        k_rec, v_rec = recompute_kv(fetched.recompute_hidden, fetched.recompute_slots)
-        store.counters.tokens_recomputed += fetched.num_recompute
-        k_parts.insert(0, k_rec.to(k_parts[0].dtype))
-        v_parts.insert(0, v_rec.to(v_parts[0].dtype))
-    num_entries = fetched.indices.shape[-1]
-    return _end_to_end(k_parts, num_entries), _end_to_end(v_parts, num_entries)
-
-
-def _end_to_end(parts: list[Tensor], num_entries: int) -> Tensor:
-    """Parts (B, Hkv, ·, D) along the slot axis, then copies of the last slot up to
-    ``num_entries``; one new tensor."""
-    first = parts[0]
-    out = first.new_empty(first.shape[0], first.shape[1], num_entries, first.shape[3])
-    pos = 0
-    for part in parts:
-        out[:, :, pos:pos + part.shape[2]] = part
-        pos += part.shape[2]
-    out[:, :, pos:] = out[:, :, pos - 1:pos]
-    return out
 
 
 def _scatter(mask: Tensor, values: Tensor, like: Tensor) -> Tensor:
@@ -256,7 +172,7 @@ def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: Recompute
             v_new[batch_idx, head_idx, column].to(dtype))
 
 
-def _check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
+def check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
                    skip_cpu: bool) -> None:
     if fetched.version != store.version:
         raise ValueError(f"stale fetch: made at store version {fetched.version}, tokens have "
@@ -282,9 +198,9 @@ def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | No
     if fetched is None:
         fetched = fetch(store, indices, skip_cpu)
     else:
-        _check_fetched(store, indices, fetched, skip_cpu)
+        check_fetched(store, indices, fetched, skip_cpu)
     if fetched.dense:
-        return _gather_dense(store, fetched, recompute_kv)
+        raise ValueError("a dense fetch is gathered by flexalisa.kv.dense.gather")
     masks = fetched.masks
     # fresh tensors (advanced indexing copies) whose GPU-tier entries are the answer; every
     # other entry holds some ring slot and is overwritten in place below, as the tier masks

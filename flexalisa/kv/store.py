@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flexalisa.kv import dense as dense_read
 from flexalisa.kv import selection
 from flexalisa.kv.config import KVCounters, KVStoreConfig
 from flexalisa.kv.pools import HiddenPool, KVRing
@@ -209,13 +210,18 @@ class TieredKVStore:
               dense: bool = False) -> selection.FetchedKV:
         """``load_kv``: copy the selected CPU-tier K,V and recompute hidden states to the device
         (``dense``: a dense selection, copied by tier ranges)."""
-        return selection.fetch(self, indices, skip_cpu, dense)
+        if dense and not skip_cpu:
+            return dense_read.fetch(self, indices)
+        return selection.fetch(self, indices, skip_cpu)
 
     def gather(self, indices: Tensor, recompute_kv: selection.RecomputeFn | None,
                fetched: selection.FetchedKV | None = None,
                skip_cpu: bool = False) -> tuple[Tensor, Tensor]:
         """K, V (B, Hkv, K, D) of the selection on the device (recomputing dropped slots), as
         new tensors the caller may write into."""
+        if fetched is not None and fetched.dense:
+            selection.check_fetched(self, indices, fetched, skip_cpu)
+            return dense_read.gather(self, fetched, recompute_kv)
         return selection.gather(self, indices, recompute_kv, fetched, skip_cpu)
 
     def cpu_selected(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
