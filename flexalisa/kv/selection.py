@@ -173,7 +173,7 @@ def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: Recompute
 
 
 def check_fetched(store: TieredKVStore, indices: Tensor, fetched: FetchedKV,
-                   skip_cpu: bool) -> None:
+                  skip_cpu: bool) -> None:
     if fetched.version != store.version:
         raise ValueError(f"stale fetch: made at store version {fetched.version}, tokens have "
                          f"moved since (version {store.version})")
