@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from flexalisa.kv.selection import FetchedKV, RecomputeFn, to_device
+from flexalisa.kv.selection import FetchedKV, RecomputeFn, expand_heads, to_device
 from flexalisa.schedule import Tier, TokenRange
 
 if TYPE_CHECKING:  # store.py imports this module for its methods
@@ -43,11 +43,7 @@ def fetch(store: TieredKVStore, indices: Tensor) -> FetchedKV:
     states; no per-entry tier masks (a dense gather reads by ranges) and no host copy of the
     indices."""
     cfg = store.config
-    idx = indices[:, None] if indices.dim() == 2 else indices
-    if idx.dim() != 3 or idx.shape[0] != cfg.batch_size or idx.shape[1] not in (
-            1, cfg.num_kv_heads):
-        raise ValueError(f"indices must be (B, K) or (B, 1|Hkv, K) with B={cfg.batch_size}, "
-                         f"Hkv={cfg.num_kv_heads}; got {tuple(indices.shape)}")
+    idx = expand_heads(store, indices)  # (B, Hkv, K), a view: the indices stay where they are
     if idx.shape[-1] < store.num_tokens:
         raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
                          f"entries for {store.num_tokens} slots")
@@ -63,7 +59,7 @@ def fetch(store: TieredKVStore, indices: Tensor) -> FetchedKV:
     hidden = store.hidden.hidden[:, :num_rec]  # (B, r, hidden), a view of the pool
     if num_rec:
         store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
-    return FetchedKV(indices=idx.expand(-1, cfg.num_kv_heads, -1), masks=None,
+    return FetchedKV(indices=idx, masks=None,
                      cpu_k=cpu_k, cpu_v=cpu_v, num_cpu_entries=num_cpu * cfg.num_kv_heads,
                      cpu_skipped=False, recompute_slots=slots.to(store.device),
                      recompute_hidden=to_device(store, [hidden])[0],

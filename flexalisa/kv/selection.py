@@ -67,8 +67,8 @@ class FetchedKV:
     dense: bool = False
 
 
-def _expand(store: TieredKVStore, indices: Tensor) -> Tensor:
-    """(B, K), (B, 1, K) or (B, Hkv, K) → (B, Hkv, K) int64 on the host, range-checked."""
+def expand_heads(store: TieredKVStore, indices: Tensor) -> Tensor:
+    """(B, K), (B, 1, K) or (B, Hkv, K) → a (B, Hkv, K) view on ``indices``'s device."""
     cfg = store.config
     if indices.dim() == 2:
         indices = indices[:, None]  # (B, 1, K)
@@ -77,7 +77,12 @@ def _expand(store: TieredKVStore, indices: Tensor) -> Tensor:
     if indices.dim() != 3 or indices.shape[:2] != (cfg.batch_size, cfg.num_kv_heads):
         raise ValueError(f"indices must be (B, K) or (B, Hkv, K) with B={cfg.batch_size}, "
                          f"Hkv={cfg.num_kv_heads}; got {tuple(indices.shape)}")
-    idx = indices.to("cpu", torch.int64)
+    return indices
+
+
+def _expand(store: TieredKVStore, indices: Tensor) -> Tensor:
+    """(B, K), (B, 1, K) or (B, Hkv, K) → (B, Hkv, K) int64 on the host, range-checked."""
+    idx = expand_heads(store, indices).to("cpu", torch.int64)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= store.num_tokens):
         raise ValueError(f"selected slots must lie in [0, {store.num_tokens}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
