@@ -61,6 +61,7 @@ def fetch(store: TieredKVStore, indices: Tensor) -> FetchedKV:
         store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
     return FetchedKV(indices=idx, masks=None,
                      cpu_k=cpu_k, cpu_v=cpu_v, num_cpu_entries=num_cpu * cfg.num_kv_heads,
+                     num_gpu_entries=_selected_in(idx, store.ranges[Tier.GPU]) * cfg.num_kv_heads,
                      cpu_skipped=False, recompute_slots=slots.to(store.device),
                      recompute_hidden=to_device(store, [hidden])[0],
                      num_recompute=_selected_in(idx, recompute_range), version=store.version,

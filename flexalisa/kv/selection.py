@@ -57,6 +57,7 @@ class FetchedKV:
     cpu_k: list[Tensor]  # stored parts of the m selected CPU-tier K entries, each (m, ·)
     cpu_v: list[Tensor]  # same for V; empty lists when skipped or none selected
     num_cpu_entries: int  # m: selected (row, head, slot) entries in the CPU tier
+    num_gpu_entries: int  # selected entries in the GPU tier (0: no real entry is there)
     cpu_skipped: bool  # True: fetched with skip_cpu, CPU-tier entries left on the host
     recompute_slots: Tensor  # (B, R) int64 distinct recompute-tier slots of each row, padded
     recompute_hidden: Tensor  # (B, R, hidden) their layer inputs, on the device
@@ -144,16 +145,11 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False) -> Fetc
         store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
     device_masks = TierMasks(*to_device(store, [masks.gpu, masks.cpu, masks.recompute]))
     return FetchedKV(indices=idx.to(store.device), masks=device_masks, cpu_k=cpu_k, cpu_v=cpu_v,
-                     num_cpu_entries=num_cpu_entries, cpu_skipped=skip_cpu,
+                     num_cpu_entries=num_cpu_entries, num_gpu_entries=int(masks.gpu.sum()),
+                     cpu_skipped=skip_cpu,
                      recompute_slots=slots.to(store.device),
                      recompute_hidden=to_device(store, [hidden])[0],
                      num_recompute=num_recompute, version=store.version)
-
-
-def _scatter(mask: Tensor, values: Tensor, like: Tensor) -> Tensor:
-    """A zero tensor like ``like`` (B, Hkv, K, D) with ``values`` (m, D) at ``mask``'s entries."""
-    out = torch.zeros_like(like)
-    return out.masked_scatter_(mask[..., None], values.to(out.dtype)) if values.numel() else out
 
 
 def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: RecomputeFn,
@@ -230,16 +226,17 @@ def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | No
 def cpu_selected(store: TieredKVStore, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The selection's CPU-tier K, V on the host, for CPU-delegated attention; nothing moves.
 
-    Returns k, v (B, Hkv, K, D) in the store dtype (zero where the entry is not in the CPU
-    tier) and the bool mask (B, Hkv, K) of CPU-tier entries, all on the host.
+    Returns k, v (B, Hkv, K, D) in the store dtype and the bool mask (B, Hkv, K) of CPU-tier
+    entries, all on the host. Entries outside the CPU tier hold the K, V of the CPU-tier slot
+    nearest theirs (all zeros when the tier is empty): mask them. One gather per part, with
+    the slots clamped into the tier, instead of compacting the CPU-tier entries and
+    scattering them back into a zero tensor.
     """
     idx = _expand(store, indices)
     mask = _masks(store, idx).cpu
-    cfg = store.config
-    like = torch.zeros(*idx.shape, cfg.head_dim, dtype=cfg.dtype)  # (B, Hkv, K, D)
-    if not bool(mask.any()):
-        return like, like.clone(), mask
-    batch_idx, head_idx, _ = mask.nonzero(as_tuple=True)
-    k_parts, v_parts = store.cpu.gather_entries(batch_idx, head_idx, idx[mask])
-    return (_scatter(mask, store.cpu.decode(k_parts), like),
-            _scatter(mask, store.cpu.decode(v_parts), like), mask)
+    tier = store.ranges[Tier.CPU]
+    if not len(tier):
+        zeros = torch.zeros(*idx.shape, store.config.head_dim, dtype=store.config.dtype)
+        return zeros, zeros.clone(), mask
+    k, v = store.cpu.gather_slots(idx.clamp(tier.start, tier.end - 1))
+    return k, v, mask

@@ -9,9 +9,10 @@ so selected entries at S-1 take the fresh k, v and every other entry is read fro
                             │               (or attended on the host), recompute tier rebuilt
                             └─ slot = S-1 → this step's k, v
 
-With CPU delegation the CPU-tier entries are attended on the host and merged by log-sum-exp
-(``attention.merge``): exact, and the probabilities the sparsity method observes are the
-partials' probabilities rescaled by ``exp(lse_part - lse)``.
+With CPU delegation the CPU-tier entries and the step's own token are attended on the host and
+merged by log-sum-exp (``attention.merge``) with a device partial over the GPU- and
+recompute-tier entries, when there are any: exact, and the probabilities the sparsity method
+observes are the partials' probabilities rescaled by ``exp(lse_part - lse)``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flexalisa.attention.base import MethodState
 from flexalisa.attention.selection import Selection, dense_selection
 from flexalisa.engine import dense_attention
 from flexalisa.kv import FetchedKV, TieredKVStore
+from flexalisa.kv.selection import RecomputeFn
 from flexalisa.models.weights import LayerWeights
 from flexalisa.runtime.timing import OpTimes
 
@@ -99,23 +101,23 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
             return fam.kv_from_hidden(spec, w, hidden, fam.prepare_positions(
                 spec, positions, ctx.dtype))
 
-    with ctx.times.section("kv_gather"):
-        k_sel, v_sel = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
-                                    skip_cpu=ctx.cpu_attention)  # (B, Hkv, K, D)
-        is_new = sel.indices == store.num_tokens  # (B, Hsel, K)
-        # gather returns new tensors: the step's own k, v go in at its entries, in place
-        new_entries = is_new.expand(k_sel.shape[:3])  # (B, Hkv, K)
-        k_sel[new_entries] = k_new.expand(k_sel.shape)[new_entries]
-        v_sel[new_entries] = v_new.expand(v_sel.shape)[new_entries]
-    with ctx.times.section("attention"):
-        # CPU delegation: the selected CPU-tier entries (the new token is not stored yet)
-        on_cpu = prepared.fetched.masks.cpu & ~is_new & sel.mask if ctx.cpu_attention else None
-        if on_cpu is not None and bool(on_cpu.any()):
-            attn, probs = _delegated_attention(q, k_sel, v_sel, store, prepared, on_cpu)
-        elif sel.dense:  # the Engine's fused kernel on the Engine's slot layout
-            attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
-        else:
-            attn, _, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
+    is_new = sel.indices == store.num_tokens  # (B, Hsel, K): the step's own token
+    if ctx.cpu_attention and prepared.fetched.num_cpu_entries:
+        attn, probs = _delegated_attention(ctx, q, k_new, v_new, store, prepared, is_new,
+                                           recompute_kv)
+    else:
+        with ctx.times.section("kv_gather"):
+            k_sel, v_sel = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
+                                        skip_cpu=ctx.cpu_attention)  # (B, Hkv, K, D)
+            # gather returns new tensors: the step's own k, v go in at its entries, in place
+            new_entries = is_new.expand(k_sel.shape[:3])  # (B, Hkv, K)
+            k_sel[new_entries] = k_new.expand(k_sel.shape)[new_entries]
+            v_sel[new_entries] = v_new.expand(v_sel.shape)[new_entries]
+        with ctx.times.section("attention"):
+            if sel.dense:  # the Engine's fused kernel on the Engine's slot layout
+                attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
+            else:
+                attn, _, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
     if ctx.method.needs_scores and not sel.dense:  # as the Engine: no scores from dense steps
         with ctx.times.section("selection"):
             ctx.method.observe(state, layer_idx, probs, sel)
@@ -124,23 +126,43 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
     return out, k_new, v_new
 
 
-def _delegated_attention(q: Tensor, k_sel: Tensor, v_sel: Tensor, store: TieredKVStore,
-                         prepared: FetchedSelection, on_cpu: Tensor) -> tuple[Tensor, Tensor]:
-    """Device partial over GPU/recompute/new entries + host partial over the CPU-tier entries
-    ``on_cpu`` (B, Hkv, K), at least one."""
-    device_mask = prepared.selection.mask & ~on_cpu  # (B, Hkv, K)
-    out_dev, lse_dev, p_dev = partial_attention_probs(q, k_sel, v_sel, device_mask[:, :, None])
-    k_host, v_host, _ = store.cpu_selected(prepared.old_indices)  # (B, Hkv, K, D) on the host
-    host_mask = on_cpu.cpu()[:, :, None]  # (B, Hkv, 1, K)
-    # the host computes in float32 (half-precision matmuls are slow on CPUs), as FlexGen does
-    out_host, lse_host, p_host = partial_attention_probs(q.cpu().float(), k_host.float(),
-                                                         v_host.float(), host_mask)
-    device = q.device
-    out_host = out_host.to(device, q.dtype)
-    lse_host, p_host = lse_host.to(device), p_host.to(device)
-    out, lse = merge([(out_dev, lse_dev), (out_host, lse_host)])
-    probs = (p_dev * torch.exp(lse_dev - lse)[..., None]
-             + p_host * torch.exp(lse_host - lse)[..., None])  # (B, Hq, 1, K)
+def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Tensor,
+                         store: TieredKVStore, prepared: FetchedSelection, is_new: Tensor,
+                         recompute_kv: RecomputeFn) -> tuple[Tensor, Tensor]:
+    """CPU delegation: attention over the selection and the probabilities the sparsity method
+    observes (B, Hq, 1, K), as the exact LSE merge of at most two partials:
+
+        host    the selected CPU-tier slots, read where they are stored, plus the step's own
+                token (its q, k, v copied over, as FlexGen does), in float32 (half-precision
+                matmuls are slow on CPUs)
+        device  the selected GPU- and recompute-tier slots; skipped when the fetch found none
+                there (all stored KV on the CPU tier), leaving one partial and no merge
+    """
+    sel, fetched = prepared.selection, prepared.fetched
+    host = torch.device("cpu")
+    stored = sel.mask & ~is_new  # (B, Hsel, K): real entries of stored slots
+    device_part = bool(fetched.num_gpu_entries or fetched.num_recompute)
+    with ctx.times.section("kv_gather"):
+        k_host, v_host, on_cpu = store.cpu_selected(prepared.old_indices)  # (B, Hkv, K, D)
+        new_entries = is_new.to(host).expand(k_host.shape[:3])  # (B, Hkv, K)
+        k_host[new_entries] = k_new.to(host, k_host.dtype).expand(k_host.shape)[new_entries]
+        v_host[new_entries] = v_new.to(host, v_host.dtype).expand(v_host.shape)[new_entries]
+        if device_part:
+            k_dev, v_dev = store.gather(prepared.old_indices, recompute_kv, fetched,
+                                        skip_cpu=True)  # CPU-tier entries zero
+    with ctx.times.section("attention"):
+        host_mask = (on_cpu & stored.to(host)) | (is_new & sel.mask).to(host)  # (B, Hkv, K)
+        out, lse, probs = partial_attention_probs(q.to(host, torch.float32), k_host.float(),
+                                                  v_host.float(), host_mask[:, :, None])
+        out, lse, probs = out.to(q.device, q.dtype), lse.to(q.device), probs.to(q.device)
+        if device_part:
+            device_mask = stored & ~fetched.masks.cpu  # (B, Hkv, K)
+            out_dev, lse_dev, p_dev = partial_attention_probs(q, k_dev, v_dev,
+                                                              device_mask[:, :, None])
+            merged, total = merge([(out, lse), (out_dev, lse_dev)])
+            probs = (probs * torch.exp(lse - total)[..., None]
+                     + p_dev * torch.exp(lse_dev - total)[..., None])
+            out = merged
     return out, probs
 
 

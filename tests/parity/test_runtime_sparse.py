@@ -50,6 +50,26 @@ def test_sparse_three_phase_matches_in_memory_engine(tiny_weights, kind, cpu_att
     assert (extras["tokens_fetched"] > 0) != cpu_attention  # delegated entries stay on the host
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("num_gpu_batches", [1, 2])
+def test_sparse_with_all_kv_delegated_to_the_host_matches_the_engine(tiny_weights, kind,
+                                                                     num_gpu_batches):
+    """ALISA's usual searched placement: every stored token in the CPU tier, attended there.
+    Each step is then one host partial (the selected CPU-tier slots plus the step's own token)
+    with no device partial to merge."""
+    weights = tiny_weights[kind]
+    prompts = make_prompts(4, 20, seed=9)
+    want = Engine(weights, method=make_method("swa", 0.8)).generate(prompts, NEW_TOKENS,
+                                                                     ignore_eos=True)
+    policy = make_policy("kv_all_cpu", num_gpu_batches, True, True, sparsity_method="swa",
+                         sparsity=0.8)
+    runner = OffloadRunner(weights, policy, check_integrity=True)
+    got = runner.generate(prompts, NEW_TOKENS, ignore_eos=True)
+    runner.close()
+    assert got.tokens == want.tokens
+    assert got.extras["tokens_fetched"] == 0 and got.extras["tokens_recomputed"] == 0
+
+
 def _first_divergence(got: list[int], want: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
 
