@@ -7,11 +7,12 @@ from fractions import Fraction
 from functools import cached_property
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from flexalisa.attention.budget import caching_ratio, split_budget, valid_positions
+from flexalisa.attention.budget import caching_ratio, half_budget, split_budget, valid_positions
 from flexalisa.attention.scores import CumulativeScores, Device, WindowScores
-from flexalisa.attention.selection import Selection, mask_to_selection
+from flexalisa.attention.selection import Selection, StepBudget, mask_to_selection, recent_mask
 
 
 @dataclass
@@ -20,6 +21,7 @@ class MethodState:
 
     layers: list[WindowScores | CumulativeScores | None]  # indexed by layer_idx
     num_groups: int  # Hsel: 1, or Hkv with per_kv_head
+    step: StepBudget | None = None  # the last step's shared budget, reused while valid is equal
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only the sequences ``rows`` (1-D long, in the new order) in every layer's record.
@@ -29,6 +31,21 @@ class MethodState:
         for record in self.layers:
             if record is not None:
                 record.keep_rows(rows)
+        self.step = None
+
+    def step_budget(self, valid: Tensor, ratio: Fraction) -> StepBudget:
+        """The budget every layer of this step shares: rebuilt only when ``valid`` differs
+        from the last call's (compared by value, so any caller gets its own valid's)."""
+        last = self.step
+        if last is not None and last.valid.shape == valid.shape and torch.equal(last.valid,
+                                                                                 valid):
+            return last
+        pos, num_valid = valid_positions(valid)
+        num_local, num_global = split_budget(num_valid, ratio)
+        local = recent_mask(pos, num_valid, num_local, valid)[:, None]  # (B, 1, S)
+        self.step = StepBudget.build(valid, num_valid, num_local, num_global, local,
+                                     half_budget(num_valid, ratio))
+        return self.step
 
 
 @dataclass(frozen=True)

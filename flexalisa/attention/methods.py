@@ -46,7 +46,8 @@ Methods (ties: lower slot wins):
 Scores are summed over query heads (all heads, or one KV group's heads with per_kv_head).
 Selections have Hsel = Hkv only for score methods with per_kv_head and s > 0, else Hsel = 1.
 
-Host syncs: ``select`` reads K (the row width) back to the host once, SWA's window trim once.
+Host syncs: ``select`` reads K (the row width) back to the host once; score-based methods
+once per step (their ``StepBudget``, shared by the layers), plus SWA's window trim per layer.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from flexalisa.attention.base import MethodState, SparsityMethod
-from flexalisa.attention.budget import half_budget, valid_positions
+from flexalisa.attention.budget import half_budget
 from flexalisa.attention.query_aware import approx_scores
 from flexalisa.attention.scores import (
     CumulativeScores,
@@ -18,7 +18,7 @@ from flexalisa.attention.scores import (
     prefill_rows,
     top_entries,
 )
-from flexalisa.attention.selection import Selection, mask_to_selection, recent_mask, top_scoring
+from flexalisa.attention.selection import Selection, StepBudget, mask_to_selection
 
 ScoreRecord = WindowScores | CumulativeScores  # one layer's score bookkeeping
 
@@ -34,7 +34,7 @@ class _ScoredMethod(SparsityMethod):
     def _groups(self, num_kv_heads: int) -> int:
         return num_kv_heads if self.per_kv_head else 1
 
-    def _scores(self, record: ScoreRecord, num_valid: Tensor, num_slots: int) -> Tensor:
+    def _scores(self, record: ScoreRecord, step: StepBudget, num_slots: int) -> Tensor:
         """(B, Hsel, S) scores for choosing the global tokens."""
         raise NotImplementedError
 
@@ -46,17 +46,14 @@ class _ScoredMethod(SparsityMethod):
         q: Tensor | None = None,
         keys: Tensor | None = None,
     ) -> Selection | None:
-        pos, num_valid = valid_positions(valid)
-        num_local, num_global = self.budget(num_valid)
-        local = recent_mask(pos, num_valid, num_local, valid)[:, None]  # (B, 1, S)
+        step = state.step_budget(valid, self.ratio)  # shared by every layer of the step
         record = state.layers[layer_idx]
         if record is None:  # no scores kept: the budget covers everything (s = 0)
-            return mask_to_selection(local | valid[:, None])
-        scores = self._scores(record, num_valid, valid.shape[-1])  # (B, Hsel, S)
+            return mask_to_selection(step.local | valid[:, None])
+        scores = self._scores(record, step, valid.shape[-1])  # (B, Hsel, S)
         if q is not None and keys is not None:
             scores = self._query_scores(q, keys, valid, state.num_groups, scores)
-        glob = top_scoring(scores, valid[:, None] & ~local, num_global)
-        return mask_to_selection(local | glob)  # (B, Hsel, S) -> Selection
+        return step.select_top(scores)
 
     def _query_scores(
         self, q: Tensor, keys: Tensor, valid: Tensor, num_groups: int, history: Tensor
@@ -108,7 +105,7 @@ class H2O(_ScoredMethod):
             rows = prefill_rows(probs, valid, state.num_groups)  # (B, Hsel, T, S)
             record.totals[..., : valid.shape[-1]] += rows.double().sum(dim=2)
 
-    def _scores(self, record: ScoreRecord, num_valid: Tensor, num_slots: int) -> Tensor:
+    def _scores(self, record: ScoreRecord, step: StepBudget, num_slots: int) -> Tensor:
         return record.scores(num_slots)
 
     def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
@@ -184,8 +181,8 @@ class SWA(_ScoredMethod):
             query_valid = valid[:, -num_q + row_idx][:, None, None]  # (B, 1, 1)
             record.push(slots, weights, (weights >= 0) & query_valid)
 
-    def _scores(self, record: ScoreRecord, num_valid: Tensor, num_slots: int) -> Tensor:
-        record.trim(half_budget(num_valid, self.ratio))  # the last k rows
+    def _scores(self, record: ScoreRecord, step: StepBudget, num_slots: int) -> Tensor:
+        record.trim(step.half)  # the last k rows
         return record.scores(num_slots)
 
     def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:

@@ -130,7 +130,8 @@ class WindowScores:
             counts = leaving[:, None, None].int().expand_as(slots)
             self.live.scatter_add_(-1, slots, -counts)
             self.window_rows -= leaving.long()
-        self.totals.masked_fill_(self.live == 0, 0.0)
+        if num_leaving:  # only a subtraction leaves residue; adds land on live slots
+            self.totals.masked_fill_(self.live == 0, 0.0)
 
     def scores(self, num_slots: int) -> Tensor:
         """(B, Hsel, S) float64 window sums of the first S slots."""
