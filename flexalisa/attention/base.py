@@ -43,7 +43,7 @@ class MethodState:
         pos, num_valid = valid_positions(valid)
         num_local, num_global = split_budget(num_valid, ratio)
         local = recent_mask(pos, num_valid, num_local, valid)[:, None]  # (B, 1, S)
-        self.step = StepBudget.build(valid, num_valid, num_local, num_global, local,
+        self.step = StepBudget.build(valid, num_local, num_global, local,
                                      half_budget(num_valid, ratio))
         return self.step
 

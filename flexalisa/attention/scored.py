@@ -173,7 +173,7 @@ class SWA(_ScoredMethod):
         num_seed = min(num_q, record.capacity - 1)  # never more than the longest window
         keyed = rows.masked_fill(~valid[:, None, None, :], -1.0)  # padding keys sort last
         width = record.ring_slots.shape[-1]
-        keep = torch.full_like(record.window_rows, max(record.capacity - 2, 0))
+        keep = [max(record.capacity - 2, 0)] * len(record.window_rows)
         for row_idx in range(num_q - num_seed, num_q):  # oldest first
             if record.max_window_rows >= record.capacity - 1:  # a repeated (chunked) prefill
                 record.trim(keep)
@@ -182,7 +182,7 @@ class SWA(_ScoredMethod):
             record.push(slots, weights, (weights >= 0) & query_valid)
 
     def _scores(self, record: ScoreRecord, step: StepBudget, num_slots: int) -> Tensor:
-        record.trim(step.half)  # the last k rows
+        record.trim(step.half_rows)  # the last k rows
         return record.scores(num_slots)
 
     def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:

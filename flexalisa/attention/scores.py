@@ -65,9 +65,8 @@ class WindowScores:
     ring_weights: Tensor  # (B, W, Hsel, Kr) float32: the entry's head-summed weight
     totals: Tensor  # (B, Hsel, L + 1) float64: sum of the in-window rows per slot
     live: Tensor  # (B, Hsel, L + 1) int32: in-window entries per slot
-    window_rows: Tensor  # (B,) long: rows currently summed into totals
+    window_rows: list[int]  # per sequence: rows currently summed into totals (kept on the host)
     num_rows: int  # rows pushed so far (the same for every sequence)
-    max_window_rows: int  # host-side upper bound on window_rows (checks without a device sync)
 
     @classmethod
     def create(
@@ -80,15 +79,19 @@ class WindowScores:
             ring_weights=torch.zeros(ring_shape, device=device),
             totals=torch.zeros(batch, num_groups, max_len + 1, dtype=torch.float64, device=device),
             live=torch.zeros(batch, num_groups, max_len + 1, dtype=torch.int32, device=device),
-            window_rows=torch.zeros(batch, dtype=torch.long, device=device),
+            window_rows=[0] * batch,
             num_rows=0,
-            max_window_rows=0,
         )
 
     @property
     def capacity(self) -> int:
         """W, the most rows the ring holds."""
         return self.ring_slots.shape[1]
+
+    @property
+    def max_window_rows(self) -> int:
+        """The most rows any sequence sums now."""
+        return max(self.window_rows, default=0)
 
     @property
     def max_len(self) -> int:
@@ -111,27 +114,41 @@ class WindowScores:
         row_weights[..., : slots.shape[-1]] = torch.where(entry, weights.float(), 0.0)
         self.totals.scatter_add_(-1, row_slots, row_weights.double())
         self.live.scatter_add_(-1, row_slots, torch.ones_like(row_slots, dtype=torch.int32))
-        self.window_rows += 1
+        self.window_rows = [rows + 1 for rows in self.window_rows]
         self.num_rows += 1
-        self.max_window_rows += 1
 
-    def trim(self, target: Tensor) -> None:
-        """Drop the oldest rows until each sequence sums at most ``target`` (B,) rows."""
-        target = torch.minimum(target, self.window_rows)
-        batch_idx = torch.arange(self.totals.shape[0], device=self.totals.device)
-        bounds = torch.stack([(self.window_rows - target).max(), target.max()])
-        num_leaving, self.max_window_rows = bounds.tolist()  # the one host sync per call
-        for _ in range(num_leaving):
-            leaving = self.window_rows > target  # (B,)
-            ring_idx = (self.num_rows - self.window_rows) % self.capacity  # oldest row, (B,)
-            slots = self.ring_slots[batch_idx, ring_idx]  # (B, Hsel, Kr)
-            weights = self.ring_weights[batch_idx, ring_idx] * leaving[:, None, None]
-            self.totals.scatter_add_(-1, slots, -weights.double())
-            counts = leaving[:, None, None].int().expand_as(slots)
-            self.live.scatter_add_(-1, slots, -counts)
-            self.window_rows -= leaving.long()
-        if num_leaving:  # only a subtraction leaves residue; adds land on live slots
+    def trim(self, target: Tensor | list[int]) -> None:
+        """Drop the oldest rows until each sequence sums at most ``target`` (B,) rows.
+
+        Row counts live on the host, so a trim that drops nothing runs no tensor op; a list
+        target (``StepBudget.half_rows``) needs no device sync either.
+        """
+        target = target.tolist() if isinstance(target, Tensor) else target
+        leaving = [max(rows - keep, 0) for rows, keep in zip(self.window_rows, target,
+                                                             strict=True)]
+        for round_idx in range(max(leaving, default=0)):
+            self._drop_oldest([count > round_idx for count in leaving])
+        if any(leaving):  # only a subtraction leaves residue; adds land on live slots
             self.totals.masked_fill_(self.live == 0, 0.0)
+
+    def _drop_oldest(self, rows: list[bool]) -> None:
+        """Subtract each flagged sequence's oldest in-window row from ``totals`` and ``live``."""
+        ring = [(self.num_rows - count) % self.capacity for count in self.window_rows]
+        if all(rows) and len(set(ring)) == 1:  # every sequence, one ring row: read views
+            slots, weights = self.ring_slots[:, ring[0]], self.ring_weights[:, ring[0]]
+            counts = torch.ones_like(slots, dtype=torch.int32)
+        else:  # non-leaving sequences subtract zero weights and counts
+            device = self.totals.device
+            batch_idx = torch.arange(len(rows), device=device)
+            ring_idx = torch.tensor(ring, device=device)
+            flags = torch.tensor(rows, device=device)[:, None, None]  # (B, 1, 1)
+            slots = self.ring_slots[batch_idx, ring_idx]  # (B, Hsel, Kr)
+            weights = self.ring_weights[batch_idx, ring_idx] * flags
+            counts = flags.int().expand_as(slots)
+        self.totals.scatter_add_(-1, slots, -weights.double())
+        self.live.scatter_add_(-1, slots, -counts)
+        self.window_rows = [count - flag for count, flag in zip(self.window_rows, rows,
+                                                                strict=True)]
 
     def scores(self, num_slots: int) -> Tensor:
         """(B, Hsel, S) float64 window sums of the first S slots."""
@@ -143,8 +160,8 @@ class WindowScores:
         self.ring_weights = self.ring_weights.index_select(0, rows)
         self.totals = self.totals.index_select(0, rows)
         self.live = self.live.index_select(0, rows)
-        self.window_rows = self.window_rows.index_select(0, rows)
-        # num_rows is shared by every sequence; max_window_rows stays a valid upper bound
+        self.window_rows = [self.window_rows[row] for row in rows.tolist()]
+        # num_rows is shared by every sequence
 
 
 def top_entries(rows: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -86,49 +86,47 @@ class StepBudget:
     layer. Per layer only the global choice is left (``select_top``)."""
 
     valid: Tensor  # (B, S) bool, a copy: the key the state compares the next call's with
-    num_global: Tensor  # (B,) long: global tokens per row
+    num_global: Tensor  # (B, 1, 1) long: global tokens per row
     local: Tensor  # (B, 1, S) bool: the num_local newest valid tokens
-    candidates: Tensor  # (B, 1, S) bool: valid and not local, older than every local token
-    half: Tensor  # (B,) long: k = round(n r / 2), SWA's window length
-    local_slots: Tensor  # (B, 1, Lmax) long: each row's local slots ascending, padded
-    is_global: Tensor  # (B, 1, Gmax) bool: entry g < num_global
-    take: Tensor  # (B, 1, K) long: entry p's column in [globals (Gmax) | local slots (Lmax)]
-    entry: Tensor  # (B, 1, K) bool: real entries; K = the largest row count
+    candidates: Tensor  # (B, 1, S) bool: valid and not local
+    half_rows: list[int]  # k = round(n r / 2) per row, SWA's window length, on the host
+    max_global: int  # the most global tokens of any row
+    width: int  # K: the most selected tokens of any row
+    entry: Tensor  # (B, 1, K) bool: real entries
 
     @classmethod
-    def build(cls, valid: Tensor, num_valid: Tensor, num_local: Tensor, num_global: Tensor,
-              local: Tensor, half: Tensor) -> StepBudget:
-        """From the budget of every row; reads the widths to the host (one sync)."""
-        num_slots, device = valid.shape[-1], valid.device
-        counts = torch.stack([num_local.max(), num_global.max(), (num_local + num_global).max()])
-        max_local, max_global, width = (counts.tolist() if num_valid.numel() else (0, 0, 0))
-        local_slots = _compact(local, max_local, num_slots)  # (B, 1, Lmax)
-        entries = torch.arange(width, device=device)  # (K,)
-        globals_first = entries < num_global[:, None]  # (B, K)
-        take = torch.where(globals_first, entries, max_global + entries - num_global[:, None])
-        take = take.clamp(0, max(max_global + max_local - 1, 0))
-        return cls(valid=valid.clone(), num_global=num_global, local=local,
-                   candidates=valid[:, None] & ~local, half=half, local_slots=local_slots,
-                   is_global=(torch.arange(max_global, device=device)
-                              < num_global[:, None])[:, None],
-                   take=take[:, None], entry=(entries < (num_local + num_global)[:, None])[:, None])
+    def build(cls, valid: Tensor, num_local: Tensor, num_global: Tensor, local: Tensor,
+              half: Tensor) -> StepBudget:
+        """From the budget of every row; reads the widths and ``half`` to the host (one sync)."""
+        if valid.shape[0]:
+            widths = torch.stack([num_global.max(), (num_local + num_global).max()])
+            max_global, width, *half_rows = torch.cat([widths, half]).tolist()
+        else:
+            max_global, width, half_rows = 0, 0, []
+        entries = torch.arange(width, device=valid.device)
+        return cls(valid=valid.clone(), num_global=num_global[:, None, None], local=local,
+                   candidates=valid[:, None] & ~local, half_rows=half_rows,
+                   max_global=max_global, width=width,
+                   entry=(entries < (num_local + num_global)[:, None])[:, None])
 
     def select_top(self, scores: Tensor) -> Selection:
         """The local tokens plus the ``num_global`` top-scoring candidates of each row, scores
-        (B, Hsel, S); ties go to the lower slot. The same Selection as marking both in a
-        (B, Hsel, S) mask for ``mask_to_selection`` (tests/unit/test_attention_step_budget.py
-        checks it), with one sort of the scores instead of two: the globals are all older
-        than the local tokens, so each row's ascending selection is its globals in slot order,
-        then its local slots."""
-        batch, heads, num_slots = scores.shape
-        max_global = self.is_global.shape[-1]
-        keyed = scores.masked_fill(~self.candidates, -math.inf)  # (B, Hsel, S)
-        order = torch.sort(keyed, dim=-1, descending=True, stable=True).indices[..., :max_global]
-        glob = torch.where(self.is_global, order, num_slots).sort(dim=-1).values  # (B,Hsel,G)
-        both = torch.cat([glob, self.local_slots.expand(batch, heads, -1)], dim=-1)
-        picked = both.gather(-1, self.take.expand(batch, heads, -1))  # (B, Hsel, K)
-        entry = self.entry.expand(batch, heads, -1)
-        return Selection(indices=torch.where(entry, picked, num_slots - 1), mask=entry)
+        (B, Hsel, S); ties go to the lower slot. The same Selection as a stable sort of the
+        scores (tests/unit/test_attention_step_budget.py checks it), from a top-k instead:
+        every score above the row's num_global-th largest is taken, and of the scores equal
+        to it the lowest slots fill the rest."""
+        batch, heads, _ = scores.shape
+        selected = self.local.expand(batch, heads, -1)
+        if self.max_global:
+            keyed = scores.masked_fill(~self.candidates, -math.inf)  # (B, Hsel, S)
+            top = keyed.topk(self.max_global, dim=-1).values  # (B, Hsel, G) descending
+            cut = top.gather(-1, (self.num_global - 1).clamp_min(0).expand(batch, heads, 1))
+            above = keyed > cut  # (B, Hsel, S); none in a row with num_global = 0
+            tied = keyed == cut
+            missing = self.num_global - above.sum(dim=-1, keepdim=True)  # (B, Hsel, 1)
+            selected = selected | above | (tied & (tied.cumsum(dim=-1) <= missing))
+        return Selection(indices=_compact(selected, self.width, scores.shape[-1]),
+                         mask=self.entry.expand(batch, heads, -1))
 
 
 def _compact(mask: Tensor, width: int, num_slots: int) -> Tensor:
