@@ -224,6 +224,23 @@ class TieredKVStore:
             return dense_read.gather(self, fetched, recompute_kv)
         return selection.gather(self, indices, recompute_kv, fetched, skip_cpu)
 
+    def dense_views(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor] | None:
+        """K, V (B, Hkv, n + 1, D) of every stored slot then the step's own token, read in
+        place, as the Engine reads its cache; None when the tiers do not allow it.
+
+        Allowed when every stored slot is in the GPU tier (an uncompressed ring starting at
+        slot 0) and the ring's next index, right after slot n - 1, is free. The new token's
+        k, v (B, Hkv, 1, D) are written there ahead of the step's ``commit``, which writes the
+        same values to the same index (ranges do not change until then; a move in that commit
+        reads only older slots). Otherwise read with ``fetch`` / ``gather``.
+        """
+        gpu = self.ranges[Tier.GPU]
+        if gpu.start != 0 or gpu.end >= self.gpu.capacity or self.gpu.bits is not None:
+            return None
+        self.gpu.write(gpu.end, k_new, v_new)
+        k_parts, v_parts = self.gpu.range_views(0, gpu.end + 1)
+        return k_parts[0], v_parts[0]
+
     def cpu_selected(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Host K, V (B, Hkv, K, D) of the selected CPU-tier entries and their mask (B, Hkv, K)."""
         return selection.cpu_selected(self, indices)

@@ -107,12 +107,8 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
                                            recompute_kv)
     else:
         with ctx.times.section("kv_gather"):
-            k_sel, v_sel = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
-                                        skip_cpu=ctx.cpu_attention)  # (B, Hkv, K, D)
-            # gather returns new tensors: the step's own k, v go in at its entries, in place
-            new_entries = is_new.expand(k_sel.shape[:3])  # (B, Hkv, K)
-            k_sel[new_entries] = k_new.expand(k_sel.shape)[new_entries]
-            v_sel[new_entries] = v_new.expand(v_sel.shape)[new_entries]
+            k_sel, v_sel = _read_kv(store, prepared, recompute_kv, is_new, k_new, v_new,
+                                    ctx.cpu_attention)  # (B, Hkv, K, D)
         with ctx.times.section("attention"):
             if sel.dense:  # the Engine's fused kernel on the Engine's slot layout
                 attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
@@ -124,6 +120,33 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
     with ctx.times.section("linear"):
         out = fam.finish_layer(spec, w, x, attn)
     return out, k_new, v_new
+
+
+def _read_kv(store: TieredKVStore, prepared: FetchedSelection, recompute_kv: RecomputeFn,
+             is_new: Tensor, k_new: Tensor, v_new: Tensor,
+             skip_cpu: bool) -> tuple[Tensor, Tensor]:
+    """K, V of the selection (B, Hkv, K, D) with the step's own k, v at its entries.
+
+    A dense step over a store whose slots are all in the GPU tier reads the ring in place
+    (``store.dense_views``: no copy, as the Engine reads its cache); otherwise the store
+    gathers new tensors and the new token goes in at its entries: for a dense selection the
+    entries past the stored slots (one slice), else the entries whose index is the new slot.
+    """
+    sel = prepared.selection
+    if sel.dense:
+        views = store.dense_views(k_new, v_new)
+        if views is not None:
+            return views
+    k_sel, v_sel = store.gather(prepared.old_indices, recompute_kv, prepared.fetched,
+                                skip_cpu=skip_cpu)
+    if sel.dense:  # entry s is slot s: the new token's entry is the last
+        k_sel[:, :, store.num_tokens:] = k_new
+        v_sel[:, :, store.num_tokens:] = v_new
+        return k_sel, v_sel
+    new_entries = is_new.expand(k_sel.shape[:3])  # (B, Hkv, K)
+    k_sel[new_entries] = k_new.expand(k_sel.shape)[new_entries]
+    v_sel[new_entries] = v_new.expand(v_sel.shape)[new_entries]
+    return k_sel, v_sel
 
 
 def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Tensor,

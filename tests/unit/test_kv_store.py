@@ -332,3 +332,27 @@ def test_cuda_store_matches_reference(compression: str) -> None:
 
     assert k_sel.is_cuda and (k_sel - want_k).abs().max().item() <= bound(want_k)
     assert (v_sel - want_v).abs().max().item() <= bound(want_v)
+
+
+def test_dense_views_read_the_gpu_ring_in_place_only_when_it_holds_every_slot() -> None:
+    """All slots in the GPU tier with a free ring index after them: the new token is written
+    there and K, V come back as views (no copy) equal to the reference with the new token
+    last; its commit then leaves the same values. Otherwise None (read by fetch/gather)."""
+    batch, heads, num_tokens = 2, 2, 6
+    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
+                        hidden_size=heads * 4, gpu_capacity_tokens=num_tokens + 1,
+                        cpu_capacity_tokens=4, hidden_capacity_tokens=0)
+    store = TieredKVStore(cfg, "cpu")
+    _, k, v = make_reference(batch, heads, num_tokens + 1, seed=3)
+    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], None, Tier.GPU)
+    k_new, v_new = k[:, :, num_tokens:], v[:, :, num_tokens:]
+    k_view, v_view = store.dense_views(k_new, v_new)
+    assert torch.equal(k_view, k) and torch.equal(v_view, v)
+    assert k_view.data_ptr() == store.gpu.k_parts[0].data_ptr()  # a view of the ring
+    assert store.num_tokens == num_tokens  # nothing committed yet
+    store.append(k_new, v_new, None, Tier.GPU)
+    store.check_integrity()
+    # the ring is now full: the next index would overwrite slot 0
+    assert store.dense_views(k_new, v_new) is None
+    store.move(TokenRange(0, 2), Tier.GPU, Tier.CPU)  # slots outside the GPU tier
+    assert store.dense_views(k_new, v_new) is None
