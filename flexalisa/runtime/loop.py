@@ -113,8 +113,9 @@ class BlockLoop:
         self.stats.end_mark = self.device.stamp()
         return self.stats
 
-    def _submit(self, lane: str, fn: Callable[[], Any], inputs: Any = None) -> None:
-        handle = self.device.submit(lane, fn, inputs)
+    def _submit(self, lane: str, fn: Callable[[], Any], inputs: Any = None,
+                bulk: bool = False) -> None:
+        handle = self.device.submit(lane, fn, inputs, bulk=bulk)
         self.pending.append(handle)
         self.stats.handles.append(handle)
 
@@ -134,7 +135,7 @@ class BlockLoop:
             self.stats.weight_h2d_bytes += moved  # one h2d worker: no concurrent writer
             return layer  # jobs return what they made: CUDA marks it used by compute
 
-        self._submit("h2d", job)
+        self._submit("h2d", job, bulk=True)
         live = set(list(self.live_weights)) | {key}  # list(): one atomic snapshot
         streamed = sum(1 for (_, j) in live if self.weights.is_streamed(j))
         self.stats.max_live_streamed_layers = max(self.stats.max_live_streamed_layers, streamed)

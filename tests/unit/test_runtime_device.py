@@ -28,6 +28,20 @@ def test_jobs_run_on_a_worker_concurrently_with_compute():
     device.close()
 
 
+def test_small_jobs_run_on_one_thread_and_bulk_copies_on_computes_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what compute uses when the device is made
+        device = CpuDevice()
+        small = device.submit("h2d", torch.get_num_threads)
+        bulk = device.submit("h2d", torch.get_num_threads, bulk=True)
+        assert device.wait([small, bulk]) == [1, 2]
+        assert torch.get_num_threads() == 2  # the caller's setting is its own
+        device.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_lane_runs_jobs_in_order_and_errors_surface_at_wait():
     device = CpuDevice()
     order: list[int] = []
