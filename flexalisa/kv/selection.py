@@ -66,6 +66,9 @@ class FetchedKV:
     # True: a dense fetch (flexalisa.kv.dense); cpu_k / cpu_v are the CPU tier's whole range,
     # (B, Hkv, c, ·) each, and recompute_slots every slot of the recompute range, (B, r)
     dense: bool = False
+    # skip_cpu with CPU-tier entries selected: ``cpu_selected``'s K, V (B, Hkv, K, D) and mask
+    # (B, Hkv, K) on the host, read here so that a copy thread does it ahead of compute
+    host: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def expand_heads(store: TieredKVStore, indices: Tensor) -> Tensor:
@@ -144,9 +147,10 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False) -> Fetc
     if num_recompute:
         store.counters.h2d_bytes += hidden.numel() * hidden.element_size()
     device_masks = TierMasks(*to_device(store, [masks.gpu, masks.cpu, masks.recompute]))
+    host = _host_read(store, idx, masks.cpu) if skip_cpu and num_cpu_entries else None
     return FetchedKV(indices=idx.to(store.device), masks=device_masks, cpu_k=cpu_k, cpu_v=cpu_v,
                      num_cpu_entries=num_cpu_entries, num_gpu_entries=int(masks.gpu.sum()),
-                     cpu_skipped=skip_cpu,
+                     cpu_skipped=skip_cpu, host=host,
                      recompute_slots=slots.to(store.device),
                      recompute_hidden=to_device(store, [hidden])[0],
                      num_recompute=num_recompute, version=store.version)
@@ -228,15 +232,20 @@ def cpu_selected(store: TieredKVStore, indices: Tensor) -> tuple[Tensor, Tensor,
 
     Returns k, v (B, Hkv, K, D) in the store dtype and the bool mask (B, Hkv, K) of CPU-tier
     entries, all on the host. Entries outside the CPU tier hold the K, V of the CPU-tier slot
-    nearest theirs (all zeros when the tier is empty): mask them. One gather per part, with
-    the slots clamped into the tier, instead of compacting the CPU-tier entries and
-    scattering them back into a zero tensor.
+    nearest theirs (all zeros when the tier is empty): mask them. A ``fetch`` with
+    ``skip_cpu`` makes the same read (``FetchedKV.host``).
     """
     idx = _expand(store, indices)
     mask = _masks(store, idx).cpu
-    tier = store.ranges[Tier.CPU]
-    if not len(tier):
+    if not len(store.ranges[Tier.CPU]):
         zeros = torch.zeros(*idx.shape, store.config.head_dim, dtype=store.config.dtype)
         return zeros, zeros.clone(), mask
+    return _host_read(store, idx, mask)
+
+
+def _host_read(store: TieredKVStore, idx: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One gather per part with the host indices (B, Hkv, K) clamped into the (non-empty) CPU
+    tier, instead of compacting its entries and scattering them back into zeros."""
+    tier = store.ranges[Tier.CPU]
     k, v = store.cpu.gather_slots(idx.clamp(tier.start, tier.end - 1))
     return k, v, mask

@@ -35,7 +35,7 @@ from flexalisa.attention.base import MethodState
 from flexalisa.attention.selection import Selection, dense_selection
 from flexalisa.engine import dense_attention
 from flexalisa.kv import FetchedKV, TieredKVStore
-from flexalisa.kv.selection import RecomputeFn
+from flexalisa.kv.selection import RecomputeFn, check_fetched
 from flexalisa.models.weights import LayerWeights
 from flexalisa.runtime.timing import OpTimes
 
@@ -166,7 +166,8 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
     stored = sel.mask & ~is_new  # (B, Hsel, K): real entries of stored slots
     device_part = bool(fetched.num_gpu_entries or fetched.num_recompute)
     with ctx.times.section("kv_gather"):
-        k_host, v_host, on_cpu = store.cpu_selected(prepared.old_indices)  # (B, Hkv, K, D)
+        check_fetched(store, prepared.old_indices, fetched, skip_cpu=True)
+        k_host, v_host, on_cpu = fetched.host  # read by load_kv: (B, Hkv, K, D) on the host
         new_entries = is_new.to(host).expand(k_host.shape[:3])  # (B, Hkv, K)
         k_host[new_entries] = k_new.to(host, k_host.dtype).expand(k_host.shape)[new_entries]
         v_host[new_entries] = v_new.to(host, v_host.dtype).expand(v_host.shape)[new_entries]

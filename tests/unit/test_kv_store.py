@@ -110,6 +110,10 @@ def test_gather_equals_single_tier_reference(plan: TierPlan, batch: int, heads: 
     assert torch.equal(torch.where(cpu_mask[..., None], v_host, v_dev), v_sel)
     masks = store.tier_masks(indices)
     assert torch.equal(masks.cpu, cpu_mask)
+    host = store.fetch(indices, skip_cpu=True).host  # the same read, made by load_kv
+    assert (host is None) == (not bool(cpu_mask.any()))
+    if host is not None:
+        assert all(torch.equal(a, b) for a, b in zip(host, (k_host, v_host, cpu_mask)))
     assert bool((masks.gpu.int() + masks.cpu.int() + masks.recompute.int() == 1).all())
 
 
