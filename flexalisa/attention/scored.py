@@ -173,6 +173,12 @@ class SWA(_ScoredMethod):
         num_seed = min(num_q, record.capacity - 1)  # never more than the longest window
         keyed = rows.masked_fill(~valid[:, None, None, :], -1.0)  # padding keys sort last
         width = record.ring_slots.shape[-1]
+        if record.max_window_rows + num_seed <= record.capacity - 1:  # room: no trim between
+            first = num_q - num_seed
+            slots, weights = top_entries(keyed[:, :, first:], width)  # (B, Hsel, n, <=Kr)
+            query_valid = valid[:, valid.shape[-1] - num_seed:][:, None, :, None]  # (B,1,n,1)
+            record.push_rows(slots, weights, (weights >= 0) & query_valid)
+            return
         keep = [max(record.capacity - 2, 0)] * len(record.window_rows)
         for row_idx in range(num_q - num_seed, num_q):  # oldest first
             if record.max_window_rows >= record.capacity - 1:  # a repeated (chunked) prefill

@@ -117,6 +117,31 @@ class WindowScores:
         self.window_rows = [rows + 1 for rows in self.window_rows]
         self.num_rows += 1
 
+    def push_rows(self, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
+        """``push`` of n rows at once, slots, weights, entry (B, Hsel, n, K<=Kr), oldest first:
+        the same ring rows and the same sums, added in the same order (row by row, entry by
+        entry along each sequence's and group's slots)."""
+        batch, groups, num_new, num_entries = slots.shape
+        if self.max_window_rows + num_new > self.capacity:
+            raise ValueError(f"{num_new} rows do not fit a ring of {self.capacity} rows holding "
+                             f"{self.max_window_rows}: call trim (select) first")
+        width = self.ring_slots.shape[-1]
+        if num_entries > width:
+            raise ValueError(f"rows have {num_entries} entries, more than the ring's {width}")
+        rows_slots = slots.new_full((batch, groups, num_new, width), self.max_len)
+        rows_weights = torch.zeros(rows_slots.shape, device=rows_slots.device)
+        rows_slots[..., :num_entries] = torch.where(entry, slots, self.max_len)
+        rows_weights[..., :num_entries] = torch.where(entry, weights.float(), 0.0)
+        ring_idx = (self.num_rows + torch.arange(num_new, device=slots.device)) % self.capacity
+        self.ring_slots[:, ring_idx] = rows_slots.transpose(1, 2)  # (B, n, Hsel, Kr)
+        self.ring_weights[:, ring_idx] = rows_weights.transpose(1, 2)
+        flat_slots = rows_slots.view(batch, groups, num_new * width)  # row-major: push order
+        self.totals.scatter_add_(-1, flat_slots,
+                                 rows_weights.view(batch, groups, -1).double())
+        self.live.scatter_add_(-1, flat_slots, torch.ones_like(flat_slots, dtype=torch.int32))
+        self.window_rows = [rows + num_new for rows in self.window_rows]
+        self.num_rows += num_new
+
     def trim(self, target: Tensor | list[int]) -> None:
         """Drop the oldest rows until each sequence sums at most ``target`` (B,) rows.
 

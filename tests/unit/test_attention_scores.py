@@ -195,3 +195,36 @@ def test_prefill_in_query_chunks_seeds_like_one_prefill() -> None:
     sel_chunked = chunked.select(state_chunked, 0, decode_valid)
     assert torch.equal(sel_whole.indices, sel_chunked.indices)
     assert torch.equal(state_whole.layers[0].scores(13), state_chunked.layers[0].scores(13))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 3]), st.integers(1, 7), st.integers(0, 9),
+       st.integers(0, 2**31 - 1))
+def test_push_rows_equals_pushing_row_by_row_bit_for_bit(batch, groups, num_new, before,
+                                                          seed) -> None:
+    """Seeding n rows at once (the prefill) leaves the same ring, sums and counts as n pushes,
+    bit for bit: float64 sums in the same order, on rows after ``before`` earlier ones (the
+    ring index wraps)."""
+    capacity, width, max_len = 8, 5, 12
+    gen = torch.Generator().manual_seed(seed)
+    records = [WindowScores.create(batch, groups, max_len, capacity, width, None)
+               for _ in range(2)]
+    for _ in range(before):  # the same history in both, trimmed to leave room
+        slots = torch.randint(0, max_len, (batch, groups, width), generator=gen)
+        weights = torch.rand(batch, groups, width, generator=gen)
+        for record in records:
+            record.trim([min(rows, capacity - 1 - num_new) for rows in record.window_rows])
+            record.push(slots, weights, torch.ones_like(slots, dtype=torch.bool))
+    for record in records:
+        record.trim([capacity - 1 - num_new] * batch)
+    num_entries = int(torch.randint(1, width + 1, (1,), generator=gen))
+    slots = torch.randint(0, max_len, (batch, groups, num_new, num_entries), generator=gen)
+    weights = torch.rand(slots.shape, generator=gen) ** 3
+    entry = torch.rand(slots.shape, generator=gen) > 0.2
+    records[0].push_rows(slots, weights, entry)
+    for row in range(num_new):
+        records[1].push(slots[:, :, row], weights[:, :, row], entry[:, :, row])
+    one, other = records
+    for name in ("ring_slots", "ring_weights", "totals", "live"):
+        assert torch.equal(getattr(one, name), getattr(other, name)), name
+    assert one.window_rows == other.window_rows and one.num_rows == other.num_rows
