@@ -22,8 +22,8 @@ from flexalisa.attention import (
     MethodState,
     SparsityMethod,
     attention_probs,
+    attention_with_probs,
     gather_kv,
-    partial_attention_probs,
 )
 from flexalisa.cache import KVCache
 from flexalisa.errors import FlexalisaError
@@ -215,7 +215,7 @@ class Engine:
         if sel is None:
             return dense_attention(q, keys, values, valid[:, None])
         k_sel, v_sel = gather_kv(keys, values, sel.indices)  # (B, Hkv, K, D)
-        attn, _, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
+        attn, probs = attention_with_probs(q, k_sel, v_sel, sel.attention_mask)
         if self.method.needs_scores:
             self.method.observe(state, layer_idx, probs, sel)
         return attn

@@ -2,6 +2,7 @@
 
 from flexalisa.attention.kernel import (
     attention_probs,
+    attention_with_probs,
     gather_kv,
     merge,
     partial_attention,
@@ -16,6 +17,7 @@ __all__ = [
     "Selection",
     "SparsityMethod",
     "attention_probs",
+    "attention_with_probs",
     "gather_kv",
     "make_method",
     "merge",

@@ -28,6 +28,7 @@ from cost_model.spec import ModelSpec
 from flexalisa.attention import (
     SparsityMethod,
     attention_probs,
+    attention_with_probs,
     merge,
     partial_attention_probs,
 )
@@ -113,7 +114,7 @@ def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,
             if sel.dense:  # the Engine's fused kernel on the Engine's slot layout
                 attn, probs = dense_attention(q, k_sel, v_sel, sel.mask), None
             else:
-                attn, _, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
+                attn, probs = attention_with_probs(q, k_sel, v_sel, sel.attention_mask)
     if ctx.method.needs_scores and not sel.dense:  # as the Engine: no scores from dense steps
         with ctx.times.section("selection"):
             ctx.method.observe(state, layer_idx, probs, sel)
@@ -176,18 +177,20 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
                                         skip_cpu=True)  # CPU-tier entries zero
     with ctx.times.section("attention"):
         host_mask = (on_cpu & stored.to(host)) | (is_new & sel.mask).to(host)  # (B, Hkv, K)
-        out, lse, probs = partial_attention_probs(q.to(host, torch.float32), k_host.float(),
-                                                  v_host.float(), host_mask[:, :, None])
+        host_q = q.to(host, torch.float32)
+        if not device_part:  # one partial: nothing to merge, no log-sum-exp needed
+            out, probs = attention_with_probs(host_q, k_host.float(), v_host.float(),
+                                              host_mask[:, :, None])
+            return out.to(q.device, q.dtype), probs.to(q.device)
+        out, lse, probs = partial_attention_probs(host_q, k_host.float(), v_host.float(),
+                                                  host_mask[:, :, None])
         out, lse, probs = out.to(q.device, q.dtype), lse.to(q.device), probs.to(q.device)
-        if device_part:
-            device_mask = stored & ~fetched.masks.cpu  # (B, Hkv, K)
-            out_dev, lse_dev, p_dev = partial_attention_probs(q, k_dev, v_dev,
-                                                              device_mask[:, :, None])
-            merged, total = merge([(out, lse), (out_dev, lse_dev)])
-            probs = (probs * torch.exp(lse - total)[..., None]
-                     + p_dev * torch.exp(lse_dev - total)[..., None])
-            out = merged
-    return out, probs
+        device_mask = stored & ~fetched.masks.cpu  # (B, Hkv, K)
+        out_dev, lse_dev, p_dev = partial_attention_probs(q, k_dev, v_dev, device_mask[:, :, None])
+        merged, total = merge([(out, lse), (out_dev, lse_dev)])
+        probs = (probs * torch.exp(lse - total)[..., None]
+                 + p_dev * torch.exp(lse_dev - total)[..., None])
+    return merged, probs
 
 
 def select_next(ctx: LayerContext, state: MethodState, layer_idx: int,

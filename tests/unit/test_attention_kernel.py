@@ -9,6 +9,7 @@ import torch
 
 from flexalisa.attention import (
     attention_probs,
+    attention_with_probs,
     gather_kv,
     merge,
     partial_attention,
@@ -87,6 +88,23 @@ def test_probs_variant_matches_partial_attention_and_attention_probs() -> None:
     assert probs.shape == (B, HQ, T, S) and probs.dtype == torch.float32
     assert (probs[1, :, :, :7] == 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(B, HQ, T))
+
+
+def test_attention_with_probs_matches_the_reference_per_kv_head_masks() -> None:
+    q, k, v = make_qkv(4)
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(B, HKV, T, S, generator=gen) > 0.5  # per KV head
+    mask[0, 1] = False  # KV head 1 of row 0 sees no key: zero weights and output
+    out, probs = attention_with_probs(q, k, v, mask)
+    group = HQ // HKV
+    per_head = mask.repeat_interleave(group, dim=1)  # (B, Hq, T, S)
+    want = torch.stack([reference_attention(q[:, h:h + 1], k[:, h // group:h // group + 1],
+                                            v[:, h // group:h // group + 1], per_head[:, h])
+                        for h in range(HQ)], dim=1)[:, :, 0]
+    seen = per_head.any(-1)  # (B, Hq, T): rows with a key
+    torch.testing.assert_close(out[seen], want[seen])
+    assert (out[~seen] == 0).all() and (probs[~seen] == 0).all()
+    torch.testing.assert_close(probs, partial_attention_probs(q, k, v, mask)[2])
 
 
 def test_gather_kv_shared_and_per_kv_head_selections() -> None:
