@@ -7,7 +7,8 @@ Each selected entry is read from the tier holding its slot::
     GPU tier        → read in place on the device
     CPU tier        → only the selected entries are copied host→device (as stored: INT8/INT4
                       codes stay compressed in transit) and decoded on the device; or, for
-                      CPU-delegated attention, ``cpu_selected`` returns them on the host
+                      CPU-delegated attention, a ``skip_cpu`` fetch reads them on the host
+                      (``FetchedKV.host``)
     recompute tier  → the distinct selected slots of each row have their hidden states copied
                       host→device; ``recompute_kv(hidden (B, R, hidden), slots (B, R))`` rebuilds
                       K,V (B, Hkv, R, D) on the device (the caller's K/V projection + RoPE; it
@@ -66,8 +67,9 @@ class FetchedKV:
     # True: a dense fetch (flexalisa.kv.dense); cpu_k / cpu_v are the CPU tier's whole range,
     # (B, Hkv, c, ·) each, and recompute_slots every slot of the recompute range, (B, r)
     dense: bool = False
-    # skip_cpu with CPU-tier entries selected: ``cpu_selected``'s K, V (B, Hkv, K, D) and mask
-    # (B, Hkv, K) on the host, read here so that a copy thread does it ahead of compute
+    # skip_cpu with CPU-tier entries selected: their K, V (B, Hkv, K, D) and mask (B, Hkv, K)
+    # on the host, read here so that a copy thread does it ahead of compute; entries outside
+    # the CPU tier hold the K, V of the CPU-tier slot nearest theirs: mask them
     host: tuple[Tensor, Tensor, Tensor] | None = None
 
 
@@ -225,22 +227,6 @@ def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | No
         k_out[masks.recompute] = k_rec
         v_out[masks.recompute] = v_rec
     return k_out, v_out
-
-
-def cpu_selected(store: TieredKVStore, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The selection's CPU-tier K, V on the host, for CPU-delegated attention; nothing moves.
-
-    Returns k, v (B, Hkv, K, D) in the store dtype and the bool mask (B, Hkv, K) of CPU-tier
-    entries, all on the host. Entries outside the CPU tier hold the K, V of the CPU-tier slot
-    nearest theirs (all zeros when the tier is empty): mask them. A ``fetch`` with
-    ``skip_cpu`` makes the same read (``FetchedKV.host``).
-    """
-    idx = _expand(store, indices)
-    mask = _masks(store, idx).cpu
-    if not len(store.ranges[Tier.CPU]):
-        zeros = torch.zeros(*idx.shape, store.config.head_dim, dtype=store.config.dtype)
-        return zeros, zeros.clone(), mask
-    return _host_read(store, idx, mask)
 
 
 def _host_read(store: TieredKVStore, idx: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -241,10 +241,6 @@ class TieredKVStore:
         k_parts, v_parts = self.gpu.range_views(0, gpu.end + 1)
         return k_parts[0], v_parts[0]
 
-    def cpu_selected(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Host K, V (B, Hkv, K, D) of the selected CPU-tier entries and their mask (B, Hkv, K)."""
-        return selection.cpu_selected(self, indices)
-
     # ---- checks ---------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise RuntimeError unless the tiers partition [0, n) and fit their pools."""
