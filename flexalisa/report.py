@@ -106,18 +106,23 @@ def render_markdown(report: dict) -> str:
 
 
 _MAX_KEYS = ("peak_bytes", "peak_kv_bytes", "reserved_bytes", "max_live_streamed_layers")
-_FIRST_KEYS = ("policy", "runner", "device", "phase2_start_step", "phase3_start_step",
-               "phase_crossed_at_step")
+_FIRST_KEYS = ("policy", "runner", "device", "copy_mode", "phase2_start_step",
+               "phase3_start_step", "phase_crossed_at_step")
 
 
 def merge_extras(prev: dict | None, new: dict) -> dict:
     """Combine one batch's runner extras into the job's: counts and seconds add up, peaks take
-    the max, settings and first crossings keep the first batch's value."""
+    the max, settings and first crossings keep the first batch's value, and the share of copy
+    time hidden is the copy-time-weighted mean (the hidden seconds add up)."""
     if prev is None:
         return json.loads(json.dumps(new))  # a deep copy of plain data
     out = dict(prev)
+    busy = (prev.get("transfer_busy_s", 0.0), new.get("transfer_busy_s", 0.0))
     for key, value in new.items():
-        if key not in out or key in _FIRST_KEYS:
+        if key == "transfer_hidden_share" and key in out:
+            hidden_s = out[key] * busy[0] + value * busy[1]
+            out[key] = hidden_s / (busy[0] + busy[1]) if busy[0] + busy[1] > 0 else 0.0
+        elif key not in out or key in _FIRST_KEYS:
             out.setdefault(key, value)
         elif key in _MAX_KEYS:
             out[key] = _combine(out[key], value, max)

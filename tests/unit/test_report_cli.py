@@ -53,3 +53,23 @@ def test_report_bad_input(tmp_path, capsys, content, message):
     assert main(["report", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("flexalisa: error:") and message in err and err.count("\n") == 1
+
+
+def test_merged_extras_add_counts_keep_peaks_and_weight_the_hidden_share():
+    from flexalisa.report import merge_extras
+
+    first = {"device": "cpu", "copy_mode": "threads", "transfer_busy_s": 1.0,
+             "transfer_hidden_share": 0.9, "h2d_bytes": 10, "op_s": {"linear": 2.0},
+             "peak_bytes": {"gpu": 5, "cpu": 1}}
+    second = {"device": "cpu", "copy_mode": "threads", "transfer_busy_s": 3.0,
+              "transfer_hidden_share": 0.5, "h2d_bytes": 30, "op_s": {"linear": 1.0},
+              "peak_bytes": {"gpu": 4, "cpu": 7}}
+    merged = merge_extras(merge_extras(None, first), second)
+    assert merged["transfer_busy_s"] == 4.0 and merged["h2d_bytes"] == 40
+    assert merged["transfer_hidden_share"] == pytest.approx((0.9 * 1 + 0.5 * 3) / 4)  # 0.6
+    assert merged["op_s"] == {"linear": 3.0} and merged["peak_bytes"] == {"gpu": 5, "cpu": 7}
+    assert merged["copy_mode"] == "threads" and merged["device"] == "cpu"
+    idle = merge_extras(merge_extras(None, {**first, "transfer_busy_s": 0.0,
+                                            "transfer_hidden_share": 0.0}),
+                        {**second, "transfer_busy_s": 0.0, "transfer_hidden_share": 0.0})
+    assert idle["transfer_hidden_share"] == 0.0
