@@ -15,6 +15,12 @@ Time model (used by ``cost_model.timing``), per operation::
     (a layer's GEMM time sums its projections' flops / rate, then takes the max with its bytes)
     copy_s      = bytes / h2d_bytes_per_s   (or d2h)
     cpu_attn_s  = max(flops / cpu_flops_per_s, bytes_touched / cpu_mem_bytes_per_s)
+
+Overlap: ``copy_overlap`` is the share of the shorter of a copy and the compute beside it that
+runs concurrently, so the two take ``a + c - copy_overlap * min(a, c)``. A GPU's copy engines
+overlap fully (1). On the CPU stand-in the copies are threads on the same cores as compute:
+with one compute thread on a 2-core box the copy has a core of its own and overlaps; with a
+compute thread per core the copy takes its turn and they add up (~0). The profile measures it.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class HardwareProfile:
     compute_dtype_bytes: int = 2  # element size the device computes and stores in (fp16: 2)
     cpu_compute_dtype_bytes: int = 4  # element size the host computes attention in (fp32: 4)
     layer_overhead_s: float = 2e-4  # fixed cost per layer per GPU batch (launches, Python dispatch)
+    copy_overlap: float = 1.0  # share of min(copy, compute) run concurrently (1: DMA engines)
     gemm_flops_table: tuple[tuple[int, int, float], ...] = ()  # (rows, inner dim, FLOP/s) grid
 
     def __post_init__(self) -> None:
@@ -64,6 +71,8 @@ class HardwareProfile:
                 raise ValueError(f"HardwareProfile.{field_name} must be > 0, got {value!r}")
         if self.layer_overhead_s < 0:
             raise ValueError(f"layer_overhead_s must be >= 0, got {self.layer_overhead_s!r}")
+        if not 0.0 <= self.copy_overlap <= 1.0:
+            raise ValueError(f"copy_overlap must be in [0, 1], got {self.copy_overlap!r}")
         self._check_table()
 
     def _check_table(self) -> None:

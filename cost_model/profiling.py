@@ -9,7 +9,9 @@ bytes: torch's CPU kernels store through the cache (write-allocate reads each li
 cost model counts host traffic the same way (``cost_model.timing._cpu_attention_s_per_token``).
 When the CPU is the device, its "device memory bandwidth" is the rate a matrix-vector product
 streams 256 MiB of 4096-wide weights (the rate table's 1-row point): what a decode step's GEMMs
-get (one core often cannot reach the copy-based figure).
+get (one core often cannot reach the copy-based figure). Its copies are threads on the cores
+compute uses, so how far they overlap compute is measured too (``copy_overlap``); a GPU's copy
+engines are taken to overlap fully.
 
 Each measurement repeats until its share of ``budget_s`` has passed (after one warm-up) and keeps
 the fastest run (what the machine can do when other jobs leave it alone; the validation script
@@ -22,6 +24,7 @@ that other jobs on a shared machine do not inflate the figures; anything else in
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -65,6 +68,64 @@ def _gemm_rate(torch: Any, timer: _Timer, device: str, dtype: Any, m: int, k: in
 
 def _copy_rate(timer: _Timer, src: Any, dst: Any) -> float:
     return src.numel() * src.element_size() / timer.best_s(lambda: dst.copy_(src))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def copy_threads_fit(threads: int) -> bool:
+    """Whether compute on ``threads`` intra-op threads leaves a CPU free for copy threads.
+
+    The runtime's CPU device runs its copies on worker threads only then, and inline on the
+    compute thread otherwise (``flexalisa.runtime.device``); the profile follows the same rule.
+    """
+    return threads < usable_cpus()
+
+
+def _copy_overlap(torch: Any, budget_s: float) -> float:
+    """Share of min(copy, compute) that runs concurrently on the CPU device (see hardware.py).
+
+    Compute: decode-like GEMMs (16 rows) streaming 256 MiB of weights on torch's threads. Copy:
+    16 MiB memcpys on a worker thread with the same thread count, as the runtime's CPU device
+    copies a streamed layer's weights. Each alone, then both at once, in wall time (two threads
+    run); the fastest of repeated runs of each. Measured only where compute leaves a CPU free:
+    elsewhere the runtime copies inline and nothing overlaps. On the 2-core box: ~1.0 with one
+    compute thread; with two, a worker copy came out at ~0 (it only took turns with compute).
+    """
+    import threading
+
+    threads = torch.get_num_threads()
+    weights = [torch.empty(4096, 1024).uniform_() for _ in range(16)]  # 256 MiB
+    x = torch.randn(16, 1024)
+    src = torch.empty(16 * MIB, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+
+    def gemms() -> None:
+        for w in weights:
+            x @ w.T
+
+    def copies(count: int) -> None:
+        torch.set_num_threads(threads)  # a new thread's own setting
+        for _ in range(count):
+            dst.copy_(src)
+
+    def both(count: int) -> None:
+        worker = threading.Thread(target=copies, args=(count,))
+        worker.start()
+        gemms()
+        worker.join()
+
+    timer = _Timer(time.perf_counter, lambda: None, budget_s / 4)
+    gemm_s = timer.best_s(gemms)
+    count = max(1, round(gemm_s / timer.best_s(lambda: copies(1))))  # copy time ~ gemm time
+    copy_s = timer.best_s(lambda: copies(count))
+    both_s = timer.best_s(lambda: both(count))
+    return min(1.0, max(0.0, (gemm_s + copy_s - both_s) / min(gemm_s, copy_s)))
 
 
 def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> float:
@@ -148,6 +209,9 @@ def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> di
     else:
         gemv = rate[(1, GEMM_TABLE_INNER[-1])]  # streams 256 MiB of (4096, 4096) weights
         out.update(h2d_bytes_per_s=host_copy, d2h_bytes_per_s=host_copy,
+                   # copies inline on the compute thread (no free CPU) cannot overlap at all
+                   copy_overlap=(_copy_overlap(torch, timer.budget_s)
+                                 if copy_threads_fit(torch.get_num_threads()) else 0.0),
                    gpu_mem_bytes_per_s=gemv / 2 * 4,  # 2 FLOPs per 4-byte weight read
                    gpu_name=f"CPU as device ({cpu_description()})",
                    link_name="host memcpy", gpu_mem_bytes=DEFAULT_CPU_DEVICE_GPU_MEM_BYTES)

@@ -32,6 +32,9 @@ Step time, whole block (``num_gpu_batches`` GPU batches) and all layers, overlap
     compute  |== gpu part ==|== delegated CPU attention ==|== gpu part ==|   (one chain)
     host mem |== CPU attention reads ==|== DMA reads/writes of h2d, d2h ==|
     T_iter  >= each lane (overlap);  >= h2d + d2h + gpu + cpu (no overlap)
+    with hw.copy_overlap = o < 1 (copies on the compute's cores, as on the CPU stand-in) the
+    compute lane also takes (1 - o) of the copies and each copy lane (1 - o) of the compute
+    (``shared_lanes``)
     T_step   = L * (T_iter(k=0) + (nb - 1) * T_iter(k>0)) + T_head
 
 The delegated attention sits inside the layer's compute chain (the MLP needs the merged
@@ -109,11 +112,13 @@ class StepCost:
         if not overlap:
             return [h2d + d2h + self.gpu_s + self.cpu_s]
         host_mem = self.cpu_s + (h2d_bytes + self.d2h_bytes) / hw.cpu_mem_bytes_per_s
-        return [h2d, d2h, self.gpu_s + self.cpu_s, host_mem]
+        return [*shared_lanes(self.gpu_s + self.cpu_s, [h2d, d2h], hw.copy_overlap), host_mem]
 
     def head_lanes(self, hw: HardwareProfile, overlap: bool) -> list[Affine]:
         load = self.head_h2d_bytes / hw.h2d_bytes_per_s
-        return [load + self.head_gpu_s] if not overlap else [load, Affine(self.head_gpu_s)]
+        if not overlap:
+            return [load + self.head_gpu_s]
+        return shared_lanes(Affine(self.head_gpu_s), [load], hw.copy_overlap)
 
     def total_h2d_bytes(self) -> Affine:
         return (self.weight_h2d_bytes + self.num_gpu_batches * self.h2d_bytes) * self.num_layers \
@@ -124,6 +129,20 @@ class StepCost:
 
     def total_recomputed_tokens(self) -> Affine:
         return self.recomputed_tokens * (self.num_layers * self.num_gpu_batches)
+
+
+def shared_lanes(compute: Affine, copies: list[Affine], copy_overlap: float) -> list[Affine]:
+    """Lanes bounding compute beside copy lanes that overlap it by ``copy_overlap`` (o).
+
+    For one copy ``c`` beside compute ``a`` the time is ``a + c - o * min(a, c)``, which is
+    ``max(a + (1 - o) c, c + (1 - o) a)``: affine lanes, so the LP keeps its epigraph form.
+    o = 1 gives the plain lanes (a GPU's DMA engines); o = 0 adds the copies to compute
+    (copy threads taking turns with compute on the same cores).
+    """
+    if copy_overlap >= 1.0:
+        return [*copies, compute]
+    serial = 1.0 - copy_overlap
+    return [compute + serial * sum(copies, ZERO), *(c + serial * compute for c in copies)]
 
 
 def phase_of(step_idx: int, knobs: Knobs) -> int:

@@ -125,6 +125,47 @@ def test_gqa_recompute_tier_costs_more_memory_than_cpu_tier():
     assert saved == pytest.approx(6 * 72 * 2 * (256 - 128))
 
 
+def test_copy_overlap_interpolates_between_overlapped_and_serial_lanes():
+    """One iteration streaming half the weights: full overlap is the slowest lane, none the
+    sum of compute and copies (as no overlap at all), and o in between is a + c - o min(a, c)."""
+    spec, k = make_spec(), make_knobs(num_gpu_batches=1)
+    at = dict(ALL_GPU, wg=0.5, alpha=0.5)
+    lanes = {}
+    for o in (1.0, 0.5, 0.0):
+        hw = make_hw(copy_overlap=o)
+        cost = decode_step_cost(spec, hw, k, 50, phase=2)
+        lanes[o] = max(lane.value(at) for lane in cost.iteration_lanes(hw, True, first=True))
+    hw = make_hw()
+    cost = decode_step_cost(spec, hw, k, 50, phase=2)
+    h2d = (cost.h2d_bytes + cost.weight_h2d_bytes).value(at) / hw.h2d_bytes_per_s
+    d2h = cost.d2h_bytes.value(at) / hw.d2h_bytes_per_s
+    compute = (cost.gpu_s + cost.cpu_s).value(at)
+    assert h2d > compute > d2h > 0  # the copy is the longer lane: min(a, c) is the compute
+    assert lanes[1.0] == pytest.approx(max(h2d, compute, d2h))
+    assert lanes[0.0] == pytest.approx(
+        cost.iteration_lanes(hw, False, first=True)[0].value(at))
+    assert lanes[0.5] == pytest.approx(h2d + 0.5 * compute)
+
+
+@pytest.mark.parametrize("copy_overlap", [1.0, 0.3, 0.0])
+def test_lp_is_optimal_for_any_copy_overlap(copy_overlap):
+    spec, w = make_spec(num_layers=4), Workload(32, 16)
+    hw = make_hw(gpu_mem_bytes=600_000, cpu_mem_bytes=2**30, copy_overlap=copy_overlap)
+    k = make_knobs(p1=4, p2=8)
+    placement = solve_placement(spec, hw, k, w)
+    assert placement is not None
+    lp_time = sum_time(estimate(spec, hw, k, w, placement))
+    assert time_lower_bound(spec, hw, k, w) <= lp_time * (1 + 1e-9)
+    for wg, alpha in itertools.product([0.0, 0.25, 0.5, 0.75, 1.0], repeat=2):
+        est = estimate(spec, hw, k, w, dict(wg=wg, hg=1.0, alpha=alpha, beta=0.0))
+        if not est.violations:
+            assert sum_time(est) >= lp_time * (1 - 1e-6)
+
+
+def sum_time(est) -> float:
+    return est.prefill_s + est.decode_s
+
+
 def test_decode_chunks_cover_every_step_once():
     w = Workload(10, 40)
     chunks = decode_chunks(w, make_knobs(p1=5, p2=20))

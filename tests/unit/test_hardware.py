@@ -72,6 +72,12 @@ def test_with_memory_and_validation():
         hw.replace(h2d_bytes_per_s=0)
     with pytest.raises(ValueError, match="device_kind"):
         hw.replace(device_kind="tpu")
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="copy_overlap"):
+            hw.replace(copy_overlap=bad)
+    # a profile saved before copy_overlap existed loads as fully overlapped (a GPU's DMA)
+    old = {k: v for k, v in hw.to_dict().items() if k != "copy_overlap"}
+    assert HardwareProfile.from_dict(old).copy_overlap == 1.0
 
 
 def test_load_errors(tmp_path):
@@ -91,6 +97,19 @@ def test_measure_is_short_and_sane():
     assert hw.gpu_mem_bytes == 2**30
     assert hw.gpu_gemm_flops_per_s > 1e8 and hw.h2d_bytes_per_s > 1e7
     assert hw.layer_overhead_s > 0
+    assert 0.0 <= hw.copy_overlap <= 1.0
+
+
+def test_no_copy_overlap_is_measured_where_the_runtime_copies_inline(monkeypatch):
+    """With compute on every usable CPU the runtime's CPU device copies on the compute thread,
+    so the profile records no overlap instead of measuring worker threads it would not use."""
+    import torch
+
+    from cost_model import profiling
+
+    monkeypatch.setattr(profiling, "usable_cpus", lambda: torch.get_num_threads())
+    monkeypatch.setattr(profiling, "_copy_overlap", lambda *a: pytest.fail("measured"))
+    assert HardwareProfile.measure(budget_s=0.4).copy_overlap == 0.0
 
 
 def test_gemm_rate_table_interpolates_and_round_trips(tmp_path):
