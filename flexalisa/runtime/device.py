@@ -20,7 +20,11 @@ Two kinds, one interface::
   one-worker ``ThreadPoolExecutor``; ``submit`` returns a future and ``wait`` joins it. Torch
   releases the GIL inside copies and kernels, so copies overlap compute on another core. A job
   runs on one intra-op thread unless it is ``bulk`` (a layer's weights), which uses as many as
-  compute does.
+  compute does. Where compute's threads already occupy every CPU the process may use, there is
+  no core for a copy to overlap on: a worker could only take turns with compute, and each turn
+  stalls compute's OpenMP team at its next barrier. There jobs run inline, at ``submit``, on the
+  compute thread (``copy_threads=False``; see ``copy_threads_fit``), and their errors are still
+  raised at ``wait``.
 
 A handle measures its own busy time (events on the lane, or perf_counter in the worker), from
 which the runner reports how much transfer time compute hid.
@@ -37,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cost_model.profiling import copy_threads_fit
+
 LANES = ("h2d", "d2h")  # host → device copies (loads), device → host copies (stores)
 
 
@@ -48,8 +54,9 @@ class Handle:
     future: Future | None = None  # cpu: the worker's future, until waited for
     event: Any = None  # cuda: event recorded on the lane after the job
     start_event: Any = None  # cuda: event recorded on the lane before the job
-    result: Any = None  # cuda: the job's return value (it ran synchronously), until waited for
-    busy_s: float = 0.0  # cpu: seconds the worker spent in the job
+    result: Any = None  # cuda / inline cpu: the job's return value, until waited for
+    error: BaseException | None = None  # inline cpu: what the job raised, re-raised at wait
+    busy_s: float = 0.0  # cpu: seconds the worker (or the inline call) spent in the job
     waited: bool = field(default=False)  # wait() has been called
 
 
@@ -95,6 +102,11 @@ class Device:
     def elapsed_s(self, start: Any, end: Any) -> float:
         return end - start
 
+    @property
+    def copy_mode(self) -> str:
+        """How copy jobs run: "streams" (CUDA), "threads" or "inline" (CPU)."""
+        raise NotImplementedError
+
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, torch.OutOfMemoryError)
 
@@ -106,19 +118,34 @@ class Device:
 
 
 class CpuDevice(Device):
-    """Compute on the host; copies on one worker thread per lane."""
+    """Compute on the host; copies on one worker thread per lane, or inline (see the module
+    docstring). ``copy_threads``: None picks threads only where compute leaves a CPU free."""
 
     kind = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, copy_threads: bool | None = None) -> None:
         super().__init__(torch.device("cpu"))
-        self.pools = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"flexalisa-{lane}")
-                      for lane in LANES}
         self.threads = torch.get_num_threads()  # compute's intra-op threads
+        self.copy_threads = (copy_threads_fit(self.threads) if copy_threads is None
+                             else copy_threads)
+        self.pools = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"flexalisa-{lane}")
+                      for lane in LANES} if self.copy_threads else {}
+
+    @property
+    def copy_mode(self) -> str:
+        return "threads" if self.copy_threads else "inline"
 
     def submit(self, lane: str, fn: Callable[[], Any], inputs: Any = None,
                bulk: bool = False) -> Handle:
         handle = Handle(lane)
+        if not self.copy_threads:
+            start = time.perf_counter()
+            try:
+                handle.result = fn()
+            except Exception as exc:  # noqa: BLE001 - raised at wait, as a worker's would be
+                handle.error = exc
+            handle.busy_s = time.perf_counter() - start
+            return handle
 
         def timed() -> Any:
             # small jobs run on one thread: a second OpenMP team woken for them competed
@@ -138,10 +165,16 @@ class CpuDevice(Device):
     def wait(self, handles: Iterable[Handle]) -> list[Any]:
         out = []
         for handle in handles:
-            assert handle.future is not None
-            out.append(handle.future.result())
-            handle.future = None  # drop what the job made: the block keeps every handle
             handle.waited = True
+            if handle.error is not None:
+                error, handle.error = handle.error, None
+                raise error
+            if handle.future is not None:
+                out.append(handle.future.result())
+            else:
+                out.append(handle.result)
+            # drop what the job made: the block keeps every handle
+            handle.future = handle.result = None
         return out
 
     def close(self) -> None:
@@ -159,6 +192,10 @@ class CudaDevice(Device):
                                       else index))
         self.streams = {lane: torch.cuda.Stream(self.torch_device) for lane in LANES}
         self.compute = torch.cuda.current_stream(self.torch_device)
+
+    @property
+    def copy_mode(self) -> str:
+        return "streams"
 
     def submit(self, lane: str, fn: Callable[[], Any], inputs: Any = None,
                bulk: bool = False) -> Handle:
@@ -220,10 +257,11 @@ def _record_stream(obj: Any, stream: Any) -> None:
             _record_stream(getattr(obj, f.name), stream)
 
 
-def make_device(name: str) -> Device:
-    """``"cpu"`` or ``"cuda"`` (ValueError naming the choice otherwise, or without CUDA)."""
+def make_device(name: str, copy_threads: bool | None = None) -> Device:
+    """``"cpu"`` or ``"cuda"`` (ValueError naming the choice otherwise, or without CUDA);
+    ``copy_threads`` as ``CpuDevice`` (ignored under CUDA, whose copies run on streams)."""
     if name == "cpu":
-        return CpuDevice()
+        return CpuDevice(copy_threads)
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")

@@ -36,9 +36,11 @@ EXTRAS_KEYS = {
     "reserved_bytes": "{'gpu', 'cpu'}: what the plan reserved against the budgets",
     "op_s": "seconds per op kind: linear, attention, selection, recompute, kv_gather, "
             "transfer_wait",
+    "copy_mode": "how copy jobs ran: streams (cuda), threads or inline (cpu, no CPU free)",
     "transfer_busy_s": "seconds the copy lanes were busy",
-    "transfer_hidden_share": "share of copy time overlapped with compute (cpu: 1 - wait/busy; "
-                             "cuda: (compute + copy - wall) / copy, from CUDA events)",
+    "transfer_hidden_share": "share of copy time overlapped with compute (cpu: 1 - wait/busy, "
+                             "0 when inline; cuda: (compute + copy - wall) / copy, from CUDA "
+                             "events)",
     "max_live_streamed_layers": "streamed weight layers on the device at once (<= 2)",
     "oom_retries": "blocks rerun with a smaller gpu batch after an out-of-memory error",
 }
@@ -116,11 +118,14 @@ class RunTotals:
         if device.kind == "cuda":  # events: compute and copy time that ran at the same time
             compute_s = sum(v for k, v in self.op_s.items() if k != "transfer_wait")
             overlap_s = compute_s + busy - (self.prefill_s + self.decode_s)
+        elif device.copy_mode == "inline":  # the copies ran on the compute thread
+            overlap_s = 0.0
         else:  # copy threads: what compute did not have to wait for
             overlap_s = busy - self.op_s.get("transfer_wait", 0.0)
         hidden = min(max(overlap_s, 0.0), busy) / busy if busy > 0 else 0.0
         return {
-            "runner": "offload", "device": device.kind, "policy": self.policy.to_dict(),
+            "runner": "offload", "device": device.kind, "copy_mode": device.copy_mode,
+            "policy": self.policy.to_dict(),
             "num_blocks": self.num_blocks, "phase2_start_step": phase2,
             "phase3_start_step": phase3, "phase_crossed_at_step": dict(self.crossed),
             "phase_s": dict(self.phase_s),

@@ -17,6 +17,9 @@ Budgets: ``gpu_mem_bytes`` / ``cpu_mem_bytes`` take bytes or sizes ("512MiB", "1
 means unchecked, except on CUDA where the device budget defaults to its free memory. Policy
 phase starts left None are derived from the device budget's KV capacity; with no device budget
 they are never reached (all KV stays in the GPU tier).
+
+On the CPU device, copy jobs run on worker threads where compute leaves a CPU free and inline
+otherwise; ``copy_threads`` forces one or the other (see ``flexalisa.runtime.device``).
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ class OffloadRunner:
     def __init__(self, weights: ModelWeights, policy: Policy, device: str = "cpu",
                  gpu_mem_bytes: int | str | None = None, cpu_mem_bytes: int | str | None = None,
                  dtype: torch.dtype | None = None, timing: bool = True,
-                 check_integrity: bool = False) -> None:
-        self.device = make_device(device)
+                 check_integrity: bool = False, copy_threads: bool | None = None) -> None:
+        self.device = make_device(device, copy_threads)
         self.dtype = dtype or default_dtype(self.device.torch_device)
         self.policy, self.spec = policy, weights.spec
         self.weights_in = weights

@@ -75,9 +75,9 @@ def runner_logits(runner: OffloadRunner, prompts: list[list[int]], num_new: int)
 
 
 def check_parity(weights, policy: Policy, prompts: list[list[int]], reference,
-                 tol: float = LOGIT_TOL) -> dict:
+                 tol: float = LOGIT_TOL, copy_threads: bool | None = None) -> dict:
     ref_tokens, ref_logits = reference
-    runner = OffloadRunner(weights, policy, check_integrity=True)
+    runner = OffloadRunner(weights, policy, check_integrity=True, copy_threads=copy_threads)
     try:
         result, logits = runner_logits(runner, prompts, NEW_TOKENS)
     finally:
@@ -116,6 +116,21 @@ def test_tiny_dense_parity(tiny_runs, kind, placement, num_gpu_batches, overlap,
         assert extras["tokens_recomputed"] > 0
     if PLACEMENTS[placement][0] < 1:
         assert extras["bytes"]["weight_h2d"] > 0 and extras["max_live_streamed_layers"] <= 2
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("placement,num_gpu_batches,cpu_attention",
+                         list(itertools.product(PLACEMENTS, (1, 3), (True, False))))
+def test_tiny_dense_parity_with_inline_copies(tiny_runs, kind, placement, num_gpu_batches,
+                                              cpu_attention):
+    """The CPU device's other copy mode (jobs run at submit on the compute thread, as where
+    compute occupies every CPU) over the overlapped schedule: the same tokens and logits."""
+    weights, prompts, reference = tiny_runs[kind]
+    policy = make_policy(placement, num_gpu_batches, True, cpu_attention)
+    extras = check_parity(weights, policy, prompts, reference, copy_threads=False)
+    assert extras["copy_mode"] == "inline" and extras["transfer_hidden_share"] == 0.0
+    if PLACEMENTS[placement][0] < 1:
+        assert extras["bytes"]["weight_h2d"] > 0 and extras["transfer_busy_s"] > 0
 
 
 SMOLLM_GRID = [  # a subset, to keep CI time down; the last case also streams 20% of the layers
