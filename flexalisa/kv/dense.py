@@ -68,6 +68,25 @@ def fetch(store: TieredKVStore, indices: Tensor) -> FetchedKV:
                      dense=True)
 
 
+def fetch_host(store: TieredKVStore, indices: Tensor) -> FetchedKV:
+    """A dense selection over a store whose slots are all in the CPU tier, for CPU-delegated
+    attention: the host reads the tier in place at compute time (``host_dense_views``), so
+    nothing is copied here; the fetch records the selection and the store's version."""
+    cfg = store.config
+    idx = expand_heads(store, indices)
+    if idx.shape[-1] < store.num_tokens:
+        raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
+                         f"entries for {store.num_tokens} slots")
+    none = torch.zeros(cfg.batch_size, 0, dtype=torch.int64, device=store.device)
+    return FetchedKV(indices=idx, masks=None, cpu_k=[], cpu_v=[],
+                     num_cpu_entries=_selected_in(idx, store.ranges[Tier.CPU])
+                     * cfg.num_kv_heads, num_gpu_entries=0, cpu_skipped=True,
+                     recompute_slots=none,
+                     recompute_hidden=torch.zeros(cfg.batch_size, 0, cfg.hidden_size,
+                                                  dtype=cfg.dtype, device=store.device),
+                     num_recompute=0, version=store.version, dense=True)
+
+
 def gather(store: TieredKVStore, fetched: FetchedKV,
            recompute_kv: RecomputeFn | None) -> tuple[Tensor, Tensor]:
     """The three tier ranges end to end (B, Hkv, K, D); entries past the stored slots (the

@@ -212,6 +212,8 @@ class TieredKVStore:
         (``dense``: a dense selection, copied by tier ranges)."""
         if dense and not skip_cpu:
             return dense_read.fetch(self, indices)
+        if dense and self.host_dense_ready():  # attended in place on the host: nothing to copy
+            return dense_read.fetch_host(self, indices)
         return selection.fetch(self, indices, skip_cpu)
 
     def gather(self, indices: Tensor, recompute_kv: selection.RecomputeFn | None,
@@ -239,6 +241,26 @@ class TieredKVStore:
             return None
         self.gpu.write(gpu.end, k_new, v_new)
         k_parts, v_parts = self.gpu.range_views(0, gpu.end + 1)
+        return k_parts[0], v_parts[0]
+
+    def host_dense_ready(self) -> bool:
+        """Whether a dense step may attend the CPU tier in place (``host_dense_views``): every
+        stored slot in an uncompressed CPU tier from slot 0, and the ring's next index free."""
+        cpu = self.ranges[Tier.CPU]
+        return (0 == cpu.start < cpu.end == self.num_tokens < self.cpu.capacity
+                and self.cpu.bits is None)
+
+    def host_dense_views(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Host K, V (B, Hkv, n + 1, D) of every stored slot, read in place from the CPU tier,
+        then the step's own token, for CPU-delegated dense attention; None unless
+        ``host_dense_ready()``. As ``dense_views`` on the device ring, the new k, v are written
+        at the ring's next index ahead of the step's ``commit``: a free index, which that
+        commit writes the same values to if it places the token in the CPU tier."""
+        if not self.host_dense_ready():
+            return None
+        num_stored = self.num_tokens
+        self.cpu.write(num_stored, k_new, v_new)
+        k_parts, v_parts = self.cpu.range_views(0, num_stored + 1)
         return k_parts[0], v_parts[0]
 
     # ---- checks ---------------------------------------------------------------------------

@@ -12,7 +12,9 @@ so selected entries at S-1 take the fresh k, v and every other entry is read fro
 With CPU delegation the CPU-tier entries and the step's own token are attended on the host and
 merged by log-sum-exp (``attention.merge``) with a device partial over the GPU- and
 recompute-tier entries, when there are any: exact, and the probabilities the sparsity method
-observes are the partials' probabilities rescaled by ``exp(lse_part - lse)``.
+observes are the partials' probabilities rescaled by ``exp(lse_part - lse)``. A dense step over
+a store whose slots are all in the CPU tier (FlexGen's KV-on-CPU policy) is one host partial
+over the tier read in place (``store.host_dense_views``), with the Engine's kernel.
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
     """
     sel, fetched = prepared.selection, prepared.fetched
     host = torch.device("cpu")
+    if fetched.dense:  # every stored slot in the CPU tier (``fetch_host``): one dense partial
+        return _host_dense_attention(ctx, q, k_new, v_new, store, prepared), None
     stored = sel.mask & ~is_new  # (B, Hsel, K): real entries of stored slots
     device_part = bool(fetched.num_gpu_entries or fetched.num_recompute)
     with ctx.times.section("kv_gather"):
@@ -191,6 +195,25 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
         probs = (probs * torch.exp(lse - total)[..., None]
                  + p_dev * torch.exp(lse_dev - total)[..., None])
     return merged, probs
+
+
+def _host_dense_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Tensor,
+                          store: TieredKVStore, prepared: FetchedSelection) -> Tensor:
+    """CPU-delegated dense attention over a store whose slots are all in the CPU tier: the
+    Engine's kernel over the tier read in place plus the step's own token, as the Engine
+    attends its cache (on a CPU device the same fp32 sums); no probabilities (a dense step
+    feeds no scores)."""
+    host = torch.device("cpu")
+    with ctx.times.section("kv_gather"):
+        check_fetched(store, prepared.old_indices, prepared.fetched, skip_cpu=True)
+        views = store.host_dense_views(k_new.to(host), v_new.to(host))
+        if views is None:
+            raise ValueError("the store's tiers changed since its host fetch")
+    with ctx.times.section("attention"):
+        k_host, v_host = views  # (B, Hkv, n + 1, D) each
+        out = dense_attention(q.to(host, torch.float32), k_host.float(), v_host.float(),
+                              prepared.selection.mask.to(host))
+    return out.to(q.device, q.dtype)
 
 
 def select_next(ctx: LayerContext, state: MethodState, layer_idx: int,

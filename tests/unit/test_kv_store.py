@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -362,3 +364,39 @@ def test_dense_views_read_the_gpu_ring_in_place_only_when_it_holds_every_slot() 
     assert store.dense_views(k_new, v_new) is None
     store.move(TokenRange(0, 2), Tier.GPU, Tier.CPU)  # slots outside the GPU tier
     assert store.dense_views(k_new, v_new) is None
+
+
+def test_host_dense_views_read_the_cpu_tier_in_place_only_when_it_holds_every_slot() -> None:
+    """CPU-delegated dense attention: with every slot in an uncompressed CPU tier and a free
+    ring index after them, the host K, V are views of the CPU ring equal to the reference with
+    the new token last, and the light fetch copies nothing; otherwise None (and the ordinary
+    skip_cpu fetch)."""
+    batch, heads, num_tokens = 2, 2, 6
+    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
+                        hidden_size=heads * 4, gpu_capacity_tokens=3,
+                        cpu_capacity_tokens=num_tokens + 1, hidden_capacity_tokens=2)
+    store = TieredKVStore(cfg, "cpu")
+    hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=4)
+    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], hidden[:, :num_tokens], Tier.CPU)
+    dense = torch.arange(num_tokens + 1).expand(batch, 1, -1)  # entry s = slot s, new last
+    fetched = store.fetch(dense.clamp(max=num_tokens - 1), skip_cpu=True, dense=True)
+    assert fetched.dense and fetched.cpu_skipped and fetched.host is None
+    assert fetched.num_cpu_entries == batch * heads * num_tokens and not fetched.cpu_k
+    assert store.counters.h2d_bytes == 0  # nothing copied for the host read
+    k_new, v_new = k[:, :, num_tokens:], v[:, :, num_tokens:]
+    k_view, v_view = store.host_dense_views(k_new, v_new)
+    assert torch.equal(k_view, k) and torch.equal(v_view, v)
+    assert k_view.data_ptr() == store.cpu.k_parts[0].data_ptr()  # a view of the CPU ring
+    assert store.num_tokens == num_tokens
+    store.append(k_new, v_new, hidden[:, num_tokens:], Tier.CPU)  # the same values, committed
+    store.check_integrity()
+    assert torch.equal(store.cpu.k_parts[0], k) and torch.equal(store.cpu.v_parts[0], v)
+    assert not store.host_dense_ready()  # the CPU ring is full now
+    assert store.host_dense_views(k_new, v_new) is None
+    assert store.fetch(torch.zeros(batch, 1, num_tokens + 1, dtype=torch.long),
+                       skip_cpu=True, dense=True).host is not None  # the ordinary read
+    store.move(TokenRange(0, 2), Tier.CPU, Tier.RECOMPUTE)  # a slot outside the CPU tier
+    assert not store.host_dense_ready()
+    compressed = TieredKVStore(dataclasses.replace(cfg, compression="int8", group_size=4), "cpu")
+    compressed.append(k[:, :, :2], v[:, :, :2], hidden[:, :2], Tier.CPU)
+    assert not compressed.host_dense_ready()  # INT8 codes cannot be attended in place
