@@ -38,15 +38,22 @@ def _selected_in(idx: Tensor, tokens: TokenRange) -> int:
     return int((idx[:, 0, tokens.start:tokens.end] == own).sum())
 
 
+def _dense_indices(store: TieredKVStore, indices: Tensor) -> Tensor:
+    """A dense selection as (B, Hkv, K), a view (the indices stay where they are), with an
+    entry for every stored slot."""
+    idx = expand_heads(store, indices)
+    if idx.shape[-1] < store.num_tokens:
+        raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
+                         f"entries for {store.num_tokens} slots")
+    return idx
+
+
 def fetch(store: TieredKVStore, indices: Tensor) -> FetchedKV:
     """A dense selection's fetch: the CPU range copied whole, the recompute range's hidden
     states; no per-entry tier masks (a dense gather reads by ranges) and no host copy of the
     indices."""
     cfg = store.config
-    idx = expand_heads(store, indices)  # (B, Hkv, K), a view: the indices stay where they are
-    if idx.shape[-1] < store.num_tokens:
-        raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
-                         f"entries for {store.num_tokens} slots")
+    idx = _dense_indices(store, indices)
     cpu_range, recompute_range = store.ranges[Tier.CPU], store.ranges[Tier.RECOMPUTE]
     cpu_k, cpu_v = store.cpu.read_range(cpu_range.start, cpu_range.end)
     cpu_k, cpu_v = to_device(store, cpu_k), to_device(store, cpu_v)
@@ -73,10 +80,7 @@ def fetch_host(store: TieredKVStore, indices: Tensor) -> FetchedKV:
     attention: the host reads the tier in place at compute time (``host_dense_views``), so
     nothing is copied here; the fetch records the selection and the store's version."""
     cfg = store.config
-    idx = expand_heads(store, indices)
-    if idx.shape[-1] < store.num_tokens:
-        raise ValueError(f"a dense selection has an entry per stored slot: {idx.shape[-1]} "
-                         f"entries for {store.num_tokens} slots")
+    idx = _dense_indices(store, indices)
     none = torch.zeros(cfg.batch_size, 0, dtype=torch.int64, device=store.device)
     return FetchedKV(indices=idx, masks=None, cpu_k=[], cpu_v=[],
                      num_cpu_entries=_selected_in(idx, store.ranges[Tier.CPU])

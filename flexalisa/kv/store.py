@@ -239,9 +239,7 @@ class TieredKVStore:
         gpu = self.ranges[Tier.GPU]
         if gpu.start != 0 or gpu.end >= self.gpu.capacity or self.gpu.bits is not None:
             return None
-        self.gpu.write(gpu.end, k_new, v_new)
-        k_parts, v_parts = self.gpu.range_views(0, gpu.end + 1)
-        return k_parts[0], v_parts[0]
+        return _views_ahead(self.gpu, gpu.end, k_new, v_new)
 
     def host_dense_ready(self) -> bool:
         """Whether a dense step may attend the CPU tier in place (``host_dense_views``): every
@@ -258,10 +256,7 @@ class TieredKVStore:
         commit writes the same values to if it places the token in the CPU tier."""
         if not self.host_dense_ready():
             return None
-        num_stored = self.num_tokens
-        self.cpu.write(num_stored, k_new, v_new)
-        k_parts, v_parts = self.cpu.range_views(0, num_stored + 1)
-        return k_parts[0], v_parts[0]
+        return _views_ahead(self.cpu, self.num_tokens, k_new, v_new)
 
     # ---- checks ---------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -281,3 +276,12 @@ class TieredKVStore:
         if self.hidden.num_kept != expected_kept:
             raise RuntimeError(f"hidden kept for {self.hidden.num_kept} slots, expected "
                                f"{expected_kept}")
+
+
+def _views_ahead(ring: KVRing, num_stored: int, k_new: Tensor,
+                 v_new: Tensor) -> tuple[Tensor, Tensor]:
+    """Views (B, Hkv, n + 1, D) of slots [0, n) of an uncompressed ring holding them from
+    index 0, then the step's own k, v, written at index n ahead of its commit."""
+    ring.write(num_stored, k_new, v_new)
+    k_parts, v_parts = ring.range_views(0, num_stored + 1)
+    return k_parts[0], v_parts[0]
