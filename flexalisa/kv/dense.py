@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from flexalisa.kv.selection import FetchedKV, RecomputeFn, expand_heads, to_device
+from flexalisa.kv.selection import (
+    FetchedKV,
+    RecomputeFn,
+    expand_heads,
+    fetch_in_place,
+    to_device,
+)
 from flexalisa.schedule import Tier, TokenRange
 
 if TYPE_CHECKING:  # store.py imports this module for its methods
@@ -78,17 +84,10 @@ def fetch(store: TieredKVStore, indices: Tensor) -> FetchedKV:
 def fetch_host(store: TieredKVStore, indices: Tensor) -> FetchedKV:
     """A dense selection over a store whose slots are all in the CPU tier, for CPU-delegated
     attention: the host reads the tier in place at compute time (``host_dense_views``), so
-    nothing is copied here; the fetch records the selection and the store's version."""
-    cfg = store.config
+    nothing is copied here."""
     idx = _dense_indices(store, indices)
-    none = torch.zeros(cfg.batch_size, 0, dtype=torch.int64, device=store.device)
-    return FetchedKV(indices=idx, masks=None, cpu_k=[], cpu_v=[],
-                     num_cpu_entries=_selected_in(idx, store.ranges[Tier.CPU])
-                     * cfg.num_kv_heads, num_gpu_entries=0, cpu_skipped=True,
-                     recompute_slots=none,
-                     recompute_hidden=torch.zeros(cfg.batch_size, 0, cfg.hidden_size,
-                                                  dtype=cfg.dtype, device=store.device),
-                     num_recompute=0, version=store.version, dense=True)
+    num_cpu = _selected_in(idx, store.ranges[Tier.CPU]) * store.config.num_kv_heads
+    return fetch_in_place(store, idx, num_cpu, dense=True)
 
 
 def gather(store: TieredKVStore, fetched: FetchedKV,

@@ -71,6 +71,10 @@ class FetchedKV:
     # on the host, read here so that a copy thread does it ahead of compute; entries outside
     # the CPU tier hold the K, V of the CPU-tier slot nearest theirs: mask them
     host: tuple[Tensor, Tensor, Tensor] | None = None
+    # True: every stored slot is in an uncompressed CPU tier, so nothing was read here: the
+    # host attends the tier in place at compute time (``store.host_dense_views`` for a dense
+    # selection, ``store.host_gather`` for a sparse one); see ``fetch_in_place``
+    in_place: bool = False
 
 
 def expand_heads(store: TieredKVStore, indices: Tensor) -> Tensor:
@@ -158,6 +162,21 @@ def fetch(store: TieredKVStore, indices: Tensor, skip_cpu: bool = False) -> Fetc
                      num_recompute=num_recompute, version=store.version)
 
 
+def fetch_in_place(store: TieredKVStore, idx: Tensor, num_cpu_entries: int,
+                   dense: bool) -> FetchedKV:
+    """The fetch of a selection idx (B, Hkv, K) that the host will read in place from a CPU
+    tier holding every stored slot (``store.host_ready()``): it copies nothing and records the
+    selection and the store's version; no recompute slots, no tier masks."""
+    cfg = store.config
+    return FetchedKV(indices=idx, masks=None, cpu_k=[], cpu_v=[],
+                     num_cpu_entries=num_cpu_entries, num_gpu_entries=0, cpu_skipped=True,
+                     recompute_slots=torch.zeros(cfg.batch_size, 0, dtype=torch.int64,
+                                                 device=store.device),
+                     recompute_hidden=torch.zeros(cfg.batch_size, 0, cfg.hidden_size,
+                                                  dtype=cfg.dtype, device=store.device),
+                     num_recompute=0, version=store.version, dense=dense, in_place=True)
+
+
 def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: RecomputeFn,
                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """K, V (m, D) of the m recompute-tier entries, in ``masks.recompute``'s row-major order."""
@@ -170,7 +189,8 @@ def _recompute(store: TieredKVStore, fetched: FetchedKV, recompute_kv: Recompute
                          f"{tuple(k_new.shape)}, {tuple(v_new.shape)}")
     idx = fetched.indices
     batch, heads, num_sel = idx.shape
-    column = torch.searchsorted(slots, idx.reshape(batch, heads * num_sel))  # (B, Hkv*K)
+    flat = idx.reshape(batch, heads * num_sel).contiguous()  # searchsorted wants both dense
+    column = torch.searchsorted(slots.contiguous(), flat)  # (B, Hkv*K)
     column = column.view(batch, heads, num_sel)  # (B, Hkv, K): where each slot was rebuilt
     batch_idx, head_idx, entry = fetched.masks.recompute.nonzero(as_tuple=True)  # (m,) each
     column = column[batch_idx, head_idx, entry]
@@ -206,6 +226,9 @@ def gather(store: TieredKVStore, indices: Tensor, recompute_kv: RecomputeFn | No
         fetched = fetch(store, indices, skip_cpu)
     else:
         check_fetched(store, indices, fetched, skip_cpu)
+    if fetched.in_place:
+        raise ValueError("an in-place fetch is read on the host (store.host_dense_views / "
+                         "store.host_gather), not gathered to the device")
     if fetched.dense:
         raise ValueError("a dense fetch is gathered by flexalisa.kv.dense.gather")
     masks = fetched.masks

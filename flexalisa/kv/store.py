@@ -212,8 +212,11 @@ class TieredKVStore:
         (``dense``: a dense selection, copied by tier ranges)."""
         if dense and not skip_cpu:
             return dense_read.fetch(self, indices)
-        if dense and self.host_dense_ready():  # attended in place on the host: nothing to copy
-            return dense_read.fetch_host(self, indices)
+        if skip_cpu and self.host_ready():  # attended in place on the host: nothing to copy
+            if dense:
+                return dense_read.fetch_host(self, indices)
+            idx = selection.expand_heads(self, indices)
+            return selection.fetch_in_place(self, idx, idx.numel(), dense=False)
         return selection.fetch(self, indices, skip_cpu)
 
     def gather(self, indices: Tensor, recompute_kv: selection.RecomputeFn | None,
@@ -221,7 +224,7 @@ class TieredKVStore:
                skip_cpu: bool = False) -> tuple[Tensor, Tensor]:
         """K, V (B, Hkv, K, D) of the selection on the device (recomputing dropped slots), as
         new tensors the caller may write into."""
-        if fetched is not None and fetched.dense:
+        if fetched is not None and fetched.dense and not fetched.in_place:
             selection.check_fetched(self, indices, fetched, skip_cpu)
             return dense_read.gather(self, fetched, recompute_kv)
         return selection.gather(self, indices, recompute_kv, fetched, skip_cpu)
@@ -241,9 +244,10 @@ class TieredKVStore:
             return None
         return _views_ahead(self.gpu, gpu.end, k_new, v_new)
 
-    def host_dense_ready(self) -> bool:
-        """Whether a dense step may attend the CPU tier in place (``host_dense_views``): every
-        stored slot in an uncompressed CPU tier from slot 0, and the ring's next index free."""
+    def host_ready(self) -> bool:
+        """Whether a step may attend the CPU tier in place (``host_dense_views``,
+        ``host_gather``): every stored slot in an uncompressed CPU tier from slot 0, and the
+        ring's next index free."""
         cpu = self.ranges[Tier.CPU]
         return (0 == cpu.start < cpu.end == self.num_tokens < self.cpu.capacity
                 and self.cpu.bits is None)
@@ -251,12 +255,25 @@ class TieredKVStore:
     def host_dense_views(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor] | None:
         """Host K, V (B, Hkv, n + 1, D) of every stored slot, read in place from the CPU tier,
         then the step's own token, for CPU-delegated dense attention; None unless
-        ``host_dense_ready()``. As ``dense_views`` on the device ring, the new k, v are written
-        at the ring's next index ahead of the step's ``commit``: a free index, which that
-        commit writes the same values to if it places the token in the CPU tier."""
-        if not self.host_dense_ready():
+        ``host_ready()``. As ``dense_views`` on the device ring, the new k, v are written at the
+        ring's next index ahead of the step's ``commit``: a free index, which that commit
+        writes the same values to if it places the token in the CPU tier."""
+        if not self.host_ready():
             return None
         return _views_ahead(self.cpu, self.num_tokens, k_new, v_new)
+
+    def host_gather(self, indices: Tensor, k_new: Tensor,
+                    v_new: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Host K, V (B, Hkv, K, D) of a sparse selection ``indices`` (B, K) | (B, Hsel, K) of
+        slots in [0, n], where slot n is the step's own token, for CPU-delegated attention;
+        None unless ``host_ready()``. The new k, v (B, Hkv, 1, D) are written at the CPU ring's
+        next index ahead of the commit, as ``host_dense_views`` does, so one gather of the
+        ring reads stored slots and the new token alike (padding entries, which point at slot
+        n, read it too)."""
+        if not self.host_ready():
+            return None
+        self.cpu.write(self.num_tokens, k_new, v_new)
+        return self.cpu.gather_slots(selection.expand_heads(self, indices).to("cpu"))
 
     # ---- checks ---------------------------------------------------------------------------
     def check_integrity(self) -> None:

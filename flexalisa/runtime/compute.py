@@ -12,9 +12,11 @@ so selected entries at S-1 take the fresh k, v and every other entry is read fro
 With CPU delegation the CPU-tier entries and the step's own token are attended on the host and
 merged by log-sum-exp (``attention.merge``) with a device partial over the GPU- and
 recompute-tier entries, when there are any: exact, and the probabilities the sparsity method
-observes are the partials' probabilities rescaled by ``exp(lse_part - lse)``. A dense step over
-a store whose slots are all in the CPU tier (FlexGen's KV-on-CPU policy) is one host partial
-over the tier read in place (``store.host_dense_views``), with the Engine's kernel.
+observes are the partials' probabilities rescaled by ``exp(lse_part - lse)``. A step over a
+store whose slots are all in the CPU tier (FlexGen's KV-on-CPU policy, ALISA's usual searched
+placement) is one host attention over the tier read in place, with nothing to merge: dense,
+the Engine's kernel over views of the ring (``store.host_dense_views``); sparse, one gather of
+the selection from the ring (``store.host_gather``).
 """
 
 from __future__ import annotations
@@ -166,8 +168,8 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
     """
     sel, fetched = prepared.selection, prepared.fetched
     host = torch.device("cpu")
-    if fetched.dense:  # every stored slot in the CPU tier (``fetch_host``): one dense partial
-        return _host_dense_attention(ctx, q, k_new, v_new, store, prepared), None
+    if fetched.in_place:  # every stored slot in the CPU tier: one host attention, no merge
+        return _host_in_place_attention(ctx, q, k_new, v_new, store, prepared)
     stored = sel.mask & ~is_new  # (B, Hsel, K): real entries of stored slots
     device_part = bool(fetched.num_gpu_entries or fetched.num_recompute)
     with ctx.times.section("kv_gather"):
@@ -197,23 +199,31 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
     return merged, probs
 
 
-def _host_dense_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Tensor,
-                          store: TieredKVStore, prepared: FetchedSelection) -> Tensor:
-    """CPU-delegated dense attention over a store whose slots are all in the CPU tier: the
-    Engine's kernel over the tier read in place plus the step's own token, as the Engine
-    attends its cache (on a CPU device the same fp32 sums); no probabilities (a dense step
-    feeds no scores)."""
-    host = torch.device("cpu")
+def _host_in_place_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Tensor,
+                             store: TieredKVStore, prepared: FetchedSelection
+                             ) -> tuple[Tensor, Tensor | None]:
+    """CPU-delegated attention over a store whose slots are all in the CPU tier, read in place
+    with the step's own token written at the ring's next index. Dense: the Engine's kernel
+    over views of the ring, as the Engine attends its cache (on a CPU device the same fp32
+    sums), and no probabilities (a dense step feeds no scores). Sparse: one gather of the
+    selection from the ring, attended with the probabilities the method observes; the same
+    K, V and mask as the generic host read, so the same sums."""
+    host, sel = torch.device("cpu"), prepared.selection
     with ctx.times.section("kv_gather"):
         check_fetched(store, prepared.old_indices, prepared.fetched, skip_cpu=True)
-        views = store.host_dense_views(k_new.to(host), v_new.to(host))
-        if views is None:
+        k_new, v_new = k_new.to(host), v_new.to(host)
+        kv = (store.host_dense_views(k_new, v_new) if sel.dense
+              else store.host_gather(sel.indices, k_new, v_new))
+        if kv is None:
             raise ValueError("the store's tiers changed since its host fetch")
     with ctx.times.section("attention"):
-        k_host, v_host = views  # (B, Hkv, n + 1, D) each
-        out = dense_attention(q.to(host, torch.float32), k_host.float(), v_host.float(),
-                              prepared.selection.mask.to(host))
-    return out.to(q.device, q.dtype)
+        k_host, v_host = kv[0].float(), kv[1].float()  # (B, Hkv, K, D) each
+        host_q = q.to(host, torch.float32)
+        if sel.dense:
+            out = dense_attention(host_q, k_host, v_host, sel.mask.to(host))
+            return out.to(q.device, q.dtype), None
+        out, probs = attention_with_probs(host_q, k_host, v_host, sel.attention_mask.to(host))
+    return out.to(q.device, q.dtype), probs.to(q.device)
 
 
 def select_next(ctx: LayerContext, state: MethodState, layer_idx: int,

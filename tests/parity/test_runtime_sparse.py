@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flexalisa.attention import make_method
 from flexalisa.engine import Engine
+from flexalisa.kv import TieredKVStore
 from flexalisa.models import load_model
 from flexalisa.runtime import OffloadRunner
 from tests.conftest import make_prompts
@@ -68,6 +70,37 @@ def test_sparse_with_all_kv_delegated_to_the_host_matches_the_engine(tiny_weight
     runner.close()
     assert got.tokens == want.tokens
     assert got.extras["tokens_fetched"] == 0 and got.extras["tokens_recomputed"] == 0
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_in_place_host_read_equals_the_generic_host_read(tiny_weights, kind, monkeypatch):
+    """With every stored slot in the CPU tier, sparse delegated steps gather the selection from
+    the CPU ring in place (``store.host_gather``); their logits equal, bit for bit, those of
+    the generic skip_cpu fetch (tier masks, a host read ahead, the new token scattered in)
+    that the store falls back to when ``host_ready`` says no."""
+    weights = tiny_weights[kind]
+    prompts = make_prompts(4, 20, seed=9)
+    policy = make_policy("kv_all_cpu", 1, True, True, sparsity_method="swa", sparsity=0.8)
+    calls = {"in_place": 0}
+    host_gather = TieredKVStore.host_gather
+
+    def counting(store, *args):
+        calls["in_place"] += 1
+        return host_gather(store, *args)
+
+    monkeypatch.setattr(TieredKVStore, "host_gather", counting)
+    runner = OffloadRunner(weights, policy, check_integrity=True)
+    in_place, in_place_logits = runner_logits(runner, prompts, NEW_TOKENS)
+    runner.close()
+    every_step = weights.spec.num_layers * (NEW_TOKENS - 1) * len(prompts) // 2  # 2 per block
+    assert calls["in_place"] == every_step
+    monkeypatch.setattr(TieredKVStore, "host_ready", lambda store: False)
+    runner = OffloadRunner(weights, policy, check_integrity=True)
+    generic, generic_logits = runner_logits(runner, prompts, NEW_TOKENS)
+    runner.close()
+    assert calls["in_place"] == every_step  # not used by the second run
+    assert in_place.tokens == generic.tokens
+    assert torch.equal(in_place_logits, generic_logits)
 
 
 def _first_divergence(got: list[int], want: list[int]) -> int:

@@ -391,12 +391,47 @@ def test_host_dense_views_read_the_cpu_tier_in_place_only_when_it_holds_every_sl
     store.append(k_new, v_new, hidden[:, num_tokens:], Tier.CPU)  # the same values, committed
     store.check_integrity()
     assert torch.equal(store.cpu.k_parts[0], k) and torch.equal(store.cpu.v_parts[0], v)
-    assert not store.host_dense_ready()  # the CPU ring is full now
+    assert not store.host_ready()  # the CPU ring is full now
     assert store.host_dense_views(k_new, v_new) is None
     assert store.fetch(torch.zeros(batch, 1, num_tokens + 1, dtype=torch.long),
                        skip_cpu=True, dense=True).host is not None  # the ordinary read
     store.move(TokenRange(0, 2), Tier.CPU, Tier.RECOMPUTE)  # a slot outside the CPU tier
-    assert not store.host_dense_ready()
+    assert not store.host_ready()
     compressed = TieredKVStore(dataclasses.replace(cfg, compression="int8", group_size=4), "cpu")
     compressed.append(k[:, :, :2], v[:, :, :2], hidden[:, :2], Tier.CPU)
-    assert not compressed.host_dense_ready()  # INT8 codes cannot be attended in place
+    assert not compressed.host_ready()  # INT8 codes cannot be attended in place
+
+
+
+def test_host_gather_reads_a_sparse_selection_from_the_cpu_ring_in_place() -> None:
+    """CPU-delegated sparse attention over a CPU tier holding every slot: the fetch copies
+    nothing and records the selection; ``host_gather`` writes the new token at the ring's next
+    index and gathers the selection, the new slot and per-head selections included, equal to
+    indexing the reference; an in-place fetch cannot be gathered to the device; refused
+    (None, and the generic fetch) once a slot leaves the CPU tier."""
+    batch, heads, num_tokens = 2, 2, 6
+    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
+                        hidden_size=heads * 4, gpu_capacity_tokens=3,
+                        cpu_capacity_tokens=num_tokens + 1, hidden_capacity_tokens=2)
+    store = TieredKVStore(cfg, "cpu")
+    hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=6)
+    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], hidden[:, :num_tokens], Tier.CPU)
+    indices = torch.tensor([[[0, 3, 5, 6], [1, 2, 6, 6]],
+                            [[4, 6, 6, 6], [0, 1, 2, 6]]])  # (B, Hkv, K); slot 6 is new
+    fetched = store.fetch(indices.clamp(max=num_tokens - 1), skip_cpu=True)
+    assert fetched.in_place and not fetched.dense and fetched.host is None
+    assert fetched.num_cpu_entries == indices.numel() and store.counters.h2d_bytes == 0
+    with pytest.raises(ValueError, match="in-place"):
+        store.gather(indices.clamp(max=num_tokens - 1), None, fetched, skip_cpu=True)
+    k_sel, v_sel = store.host_gather(indices, k[:, :, num_tokens:], v[:, :, num_tokens:])
+    rows, head_idx = torch.arange(batch)[:, None, None], torch.arange(heads)[None, :, None]
+    assert torch.equal(k_sel, k[rows, head_idx, indices])
+    assert torch.equal(v_sel, v[rows, head_idx, indices])
+    shared = torch.tensor([[0, 2, 6], [5, 6, 6]])  # (B, K): one selection for both heads
+    k_sel, _ = store.host_gather(shared, k[:, :, num_tokens:], v[:, :, num_tokens:])
+    assert torch.equal(k_sel, k[rows, head_idx, shared[:, None]])
+    assert store.num_tokens == num_tokens  # nothing committed
+    store.move(TokenRange(0, 1), Tier.CPU, Tier.RECOMPUTE)
+    assert store.host_gather(shared, k[:, :, num_tokens:], v[:, :, num_tokens:]) is None
+    generic = store.fetch(shared.clamp(min=1, max=num_tokens - 1), skip_cpu=True)
+    assert not generic.in_place and generic.host is not None
