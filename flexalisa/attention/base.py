@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property
 from typing import ClassVar
@@ -17,21 +17,38 @@ from flexalisa.attention.selection import Selection, StepBudget, mask_to_selecti
 
 @dataclass
 class MethodState:
-    """Per-run method state: one score record per layer (None for methods without scores)."""
+    """Per-run method state: one score record per layer (None for methods without scores).
+
+    With ``stack`` (SWA), every layer's record is a view of one record with a layer axis, so
+    a selection can be made for a run of layers at once: ``fresh`` holds the layers that
+    observed a row since their last selection, and ``ahead`` the selections made for
+    ``step`` ahead of their layer's ``select`` call (dropped when the step changes).
+    """
 
     layers: list[WindowScores | CumulativeScores | None]  # indexed by layer_idx
     num_groups: int  # Hsel: 1, or Hkv with per_kv_head
     step: StepBudget | None = None  # the last step's shared budget, reused while valid is equal
+    stack: WindowScores | None = None  # every layer's record (layer axis first); layers view it
+    fresh: set[int] = field(default_factory=set)  # layers observed since their last selection
+    ahead: dict[int, Selection] = field(default_factory=dict)  # layer -> selection for step
 
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only the sequences ``rows`` (1-D long, in the new order) in every layer's record.
 
         For compacting a batch when sequences finish; selections of the kept rows are unchanged.
         """
-        for record in self.layers:
-            if record is not None:
-                record.keep_rows(rows)
+        if self.stack is not None:  # new tensors: view them again, with each layer's counts
+            self.stack.keep_rows(rows)
+            kept = rows.tolist()
+            self.layers = [self.stack.view(j, window_rows=[rec.window_rows[r] for r in kept],
+                                           num_rows=rec.num_rows)
+                           for j, rec in enumerate(self.layers)]
+        else:
+            for record in self.layers:
+                if record is not None:
+                    record.keep_rows(rows)
         self.step = None
+        self.ahead.clear()
 
     def step_budget(self, valid: Tensor, ratio: Fraction) -> StepBudget:
         """The budget every layer of this step shares: rebuilt only when ``valid`` differs
@@ -40,6 +57,7 @@ class MethodState:
         if last is not None and last.valid.shape == valid.shape and torch.equal(last.valid,
                                                                                  valid):
             return last
+        self.ahead.clear()  # made for another step
         pos, num_valid = valid_positions(valid)
         num_local, num_global = split_budget(num_valid, ratio)
         local = recent_mask(pos, num_valid, num_local, valid)[:, None]  # (B, 1, S)

@@ -48,6 +48,12 @@ Selections have Hsel = Hkv only for score methods with per_kv_head and s > 0, el
 
 Host syncs: ``select`` reads K (the row width) back to the host once; score-based methods
 once per step (their ``StepBudget``, shared by the layers), plus SWA's window trim per layer.
+
+Runs of layers (SWA): a layer's selection depends only on its own scores and the step's
+budget, so when ``select`` is called for a layer, the layers after it that have also observed
+their previous step are trimmed and scored with it, as one record with a layer axis, and
+their selections wait for their own ``select`` call (``MethodState.ahead``). The same sums
+as one layer at a time, in about one layer's tensor ops instead of one per layer.
 """
 
 from __future__ import annotations

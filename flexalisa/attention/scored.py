@@ -50,10 +50,49 @@ class _ScoredMethod(SparsityMethod):
         record = state.layers[layer_idx]
         if record is None:  # no scores kept: the budget covers everything (s = 0)
             return mask_to_selection(step.local | valid[:, None])
+        query_aware = q is not None and keys is not None and self._reads_query
+        if not query_aware:
+            made = state.ahead.pop(layer_idx, None)
+            if made is not None:  # made with an earlier layer's, for this step
+                return made
+            if state.stack is not None and layer_idx in state.fresh:
+                return self._select_run(state, layer_idx, step, valid.shape[-1])
+        state.fresh.discard(layer_idx)
         scores = self._scores(record, step, valid.shape[-1])  # (B, Hsel, S)
-        if q is not None and keys is not None:
+        if query_aware:
             scores = self._query_scores(q, keys, valid, state.num_groups, scores)
         return step.select_top(scores)
+
+    def _select_run(self, state: MethodState, layer_idx: int, step: StepBudget,
+                    num_slots: int) -> Selection:
+        """Layer ``layer_idx``'s selection, made together with those of the layers after it
+        that are in the same position: observed since their last selection, with the same row
+        counts (every layer pushes and trims the same rows, so after one step's observations
+        they agree). Their windows are trimmed and scored as one record with a layer axis,
+        which runs the same sums as one layer at a time; their selections wait in
+        ``state.ahead``. A caller that selects layer by layer right after each observation
+        (the offloading runner's first layer) gets runs of one."""
+        first = state.layers[layer_idx]
+        stop = layer_idx + 1
+        while (stop < len(state.layers) and stop in state.fresh
+               and state.layers[stop].num_rows == first.num_rows
+               and state.layers[stop].window_rows == first.window_rows):
+            stop += 1
+        run = state.stack.view(layer_idx, stop, first.window_rows, first.num_rows)
+        sel = step.select_top(self._scores(run, step, num_slots))  # (N, B, Hsel, K) tensors
+        for j in range(layer_idx, stop):
+            record = state.layers[j]
+            record.window_rows, record.num_rows = list(run.window_rows), run.num_rows
+            state.fresh.discard(j)
+            if j > layer_idx:
+                state.ahead[j] = Selection(indices=sel.indices[j - layer_idx],
+                                           mask=sel.mask[j - layer_idx])
+        return Selection(indices=sel.indices[0], mask=sel.mask[0])
+
+    @property
+    def _reads_query(self) -> bool:
+        """Whether ``select`` uses the step's q and keys when given them."""
+        return False
 
     def _query_scores(
         self, q: Tensor, keys: Tensor, valid: Tensor, num_groups: int, history: Tensor
@@ -75,6 +114,7 @@ class _ScoredMethod(SparsityMethod):
         slots = sel.indices.expand(-1, state.num_groups, -1)  # (B, Hsel, K)
         entry = sel.mask.expand(-1, state.num_groups, -1)
         self._record(record, slots, weights, entry)
+        state.fresh.add(layer_idx)
 
     def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
         """Add one decode row, slots/weights/entry (B, Hsel, K)."""
@@ -133,6 +173,10 @@ class SWA(_ScoredMethod):
         if self.query_channels < 0:
             raise ValueError(f"query_channels {self.query_channels!r} must be >= 0 (0 = off)")
 
+    @property
+    def _reads_query(self) -> bool:
+        return self.query_channels > 0
+
     def _query_scores(
         self, q: Tensor, keys: Tensor, valid: Tensor, num_groups: int, history: Tensor
     ) -> Tensor:
@@ -149,11 +193,10 @@ class SWA(_ScoredMethod):
         longest = torch.tensor([max_len])
         capacity = int(half_budget(longest, self.ratio)) + 1  # the window plus the row pushed
         width = int(sum(self.budget(longest)))  # the largest per-step selection
-        layers = [
-            WindowScores.create(batch, groups, max_len, capacity, width, device)
-            for _ in range(num_layers)
-        ]
-        return MethodState(layers=layers, num_groups=groups)
+        stack = WindowScores.create(batch, groups, max_len, capacity, width, device,
+                                    num_layers=num_layers)
+        layers: list[WindowScores | None] = [stack.view(j) for j in range(num_layers)]
+        return MethodState(layers=layers, num_groups=groups, stack=stack)
 
     def prefill_query_rows(self, state: MethodState, num_queries: int) -> int:
         """Only the last window's rows seed the scores: at most capacity - 1 of them."""
@@ -168,6 +211,7 @@ class SWA(_ScoredMethod):
         record = state.layers[layer_idx]
         if record is None:
             return
+        state.fresh.add(layer_idx)
         rows = prefill_rows(probs, valid, state.num_groups)  # (B, Hsel, T, S)
         num_q = rows.shape[2]
         num_seed = min(num_q, record.capacity - 1)  # never more than the longest window

@@ -23,6 +23,12 @@ Cost per step: O(Kr) scatters plus an O(n) reset. Padding entries point at a dum
 Seed rows are dense over the prompt; each is stored as its Kr largest weights (ties: lower slot),
 which is exact whenever the prompt has at most Kr valid tokens.
 
+Layers: SWA keeps one ``WindowScores`` for all layers of a run, its tensors with a leading layer
+axis (``create(..., num_layers=L)``), and hands each layer a view of its slice (``view(j)``) with
+the layer's own row counts. Every method works on any number of leading layer axes, so the
+same code updates one layer or a range of layers in lockstep (``view(a, b)``) as one run of
+tensor ops: SWA's selection for many layers at once (``scored.py``).
+
 H2O's score is the plain sum over the whole history: ``CumulativeScores``, O(n).
 """
 
@@ -61,6 +67,7 @@ def prefill_rows(probs: Tensor, valid: Tensor, num_groups: int) -> Tensor:
 class WindowScores:
     """Exact sum of the last ``target`` rows per sequence, for one layer (see module doc)."""
 
+    # shapes for one layer; a record of several layers has a leading layer axis on each
     ring_slots: Tensor  # (B, W, Hsel, Kr) long: cache slot of each stored entry (dummy = L)
     ring_weights: Tensor  # (B, W, Hsel, Kr) float32: the entry's head-summed weight
     totals: Tensor  # (B, Hsel, L + 1) float64: sum of the in-window rows per slot
@@ -70,23 +77,40 @@ class WindowScores:
 
     @classmethod
     def create(
-        cls, batch: int, num_groups: int, max_len: int, capacity: int, width: int, device: Device
+        cls, batch: int, num_groups: int, max_len: int, capacity: int, width: int, device: Device,
+        num_layers: int | None = None,
     ) -> WindowScores:
-        """Empty bookkeeping holding up to ``capacity`` rows of ``width`` entries."""
-        ring_shape = (batch, capacity, num_groups, width)
+        """Empty bookkeeping holding up to ``capacity`` rows of ``width`` entries; with
+        ``num_layers``, for that many layers (a leading layer axis; see ``view``)."""
+        lead = () if num_layers is None else (num_layers,)
+        ring_shape = (*lead, batch, capacity, num_groups, width)
+        score_shape = (*lead, batch, num_groups, max_len + 1)
         return cls(
             ring_slots=torch.full(ring_shape, max_len, dtype=torch.long, device=device),
             ring_weights=torch.zeros(ring_shape, device=device),
-            totals=torch.zeros(batch, num_groups, max_len + 1, dtype=torch.float64, device=device),
-            live=torch.zeros(batch, num_groups, max_len + 1, dtype=torch.int32, device=device),
+            totals=torch.zeros(score_shape, dtype=torch.float64, device=device),
+            live=torch.zeros(score_shape, dtype=torch.int32, device=device),
             window_rows=[0] * batch,
             num_rows=0,
+        )
+
+    def view(self, start: int, stop: int | None = None, window_rows: list[int] | None = None,
+             num_rows: int | None = None) -> WindowScores:
+        """Layer ``start`` (no layer axis) or layers [start, stop) of a record with a layer
+        axis, as a record whose tensors are views of this one's (updates go through), with
+        the given row counts (default: this record's)."""
+        part = slice(start, stop) if stop is not None else start
+        return WindowScores(
+            ring_slots=self.ring_slots[part], ring_weights=self.ring_weights[part],
+            totals=self.totals[part], live=self.live[part],
+            window_rows=list(self.window_rows if window_rows is None else window_rows),
+            num_rows=self.num_rows if num_rows is None else num_rows,
         )
 
     @property
     def capacity(self) -> int:
         """W, the most rows the ring holds."""
-        return self.ring_slots.shape[1]
+        return self.ring_slots.shape[-3]
 
     @property
     def max_window_rows(self) -> int:
@@ -99,15 +123,16 @@ class WindowScores:
         return self.totals.shape[-1] - 1
 
     def push(self, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
-        """Add one row: slots, weights, entry (B, Hsel, K<=Kr); entry False = padding."""
+        """Add one row: slots, weights, entry (..., B, Hsel, K<=Kr), one per layer of the
+        record; entry False = padding."""
         if self.max_window_rows >= self.capacity:
             raise ValueError(f"ring of {self.capacity} rows is full: call trim (select) first")
         width = self.ring_slots.shape[-1]
         if slots.shape[-1] > width:
             raise ValueError(f"row has {slots.shape[-1]} entries, more than the ring's {width}")
         ring_idx = self.num_rows % self.capacity
-        row_slots = self.ring_slots[:, ring_idx]  # (B, Hsel, Kr) view
-        row_weights = self.ring_weights[:, ring_idx]
+        row_slots = self.ring_slots.select(-3, ring_idx)  # (..., B, Hsel, Kr) view
+        row_weights = self.ring_weights.select(-3, ring_idx)
         row_slots.fill_(self.max_len)
         row_weights.zero_()
         row_slots[..., : slots.shape[-1]] = torch.where(entry, slots, self.max_len)
@@ -118,9 +143,9 @@ class WindowScores:
         self.num_rows += 1
 
     def push_rows(self, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
-        """``push`` of n rows at once, slots, weights, entry (B, Hsel, n, K<=Kr), oldest first:
-        the same ring rows and the same sums, added in the same order (row by row, entry by
-        entry along each sequence's and group's slots)."""
+        """``push`` of n rows at once, slots, weights, entry (B, Hsel, n, K<=Kr), oldest first,
+        into a record of one layer: the same ring rows and the same sums, added in the same
+        order (row by row, entry by entry along each sequence's and group's slots)."""
         batch, groups, num_new, num_entries = slots.shape
         if self.max_window_rows + num_new > self.capacity:
             raise ValueError(f"{num_new} rows do not fit a ring of {self.capacity} rows holding "
@@ -143,7 +168,8 @@ class WindowScores:
         self.num_rows += num_new
 
     def trim(self, target: Tensor | list[int]) -> None:
-        """Drop the oldest rows until each sequence sums at most ``target`` (B,) rows.
+        """Drop the oldest rows until each sequence sums at most ``target`` (B,) rows (in every
+        layer of the record).
 
         Row counts live on the host, so a trim that drops nothing runs no tensor op; a list
         target (``StepBudget.half_rows``) needs no device sync either.
@@ -160,15 +186,16 @@ class WindowScores:
         """Subtract each flagged sequence's oldest in-window row from ``totals`` and ``live``."""
         ring = [(self.num_rows - count) % self.capacity for count in self.window_rows]
         if all(rows) and len(set(ring)) == 1:  # every sequence, one ring row: read views
-            slots, weights = self.ring_slots[:, ring[0]], self.ring_weights[:, ring[0]]
+            slots = self.ring_slots.select(-3, ring[0])  # (..., B, Hsel, Kr)
+            weights = self.ring_weights.select(-3, ring[0])
             counts = torch.ones_like(slots, dtype=torch.int32)
         else:  # non-leaving sequences subtract zero weights and counts
             device = self.totals.device
             batch_idx = torch.arange(len(rows), device=device)
             ring_idx = torch.tensor(ring, device=device)
             flags = torch.tensor(rows, device=device)[:, None, None]  # (B, 1, 1)
-            slots = self.ring_slots[batch_idx, ring_idx]  # (B, Hsel, Kr)
-            weights = self.ring_weights[batch_idx, ring_idx] * flags
+            slots = self.ring_slots[..., batch_idx, ring_idx, :, :]  # (..., B, Hsel, Kr)
+            weights = self.ring_weights[..., batch_idx, ring_idx, :, :] * flags
             counts = flags.int().expand_as(slots)
         self.totals.scatter_add_(-1, slots, -weights.double())
         self.live.scatter_add_(-1, slots, -counts)
@@ -176,15 +203,16 @@ class WindowScores:
                                                                 strict=True)]
 
     def scores(self, num_slots: int) -> Tensor:
-        """(B, Hsel, S) float64 window sums of the first S slots."""
+        """(..., B, Hsel, S) float64 window sums of the first S slots."""
         return self.totals[..., :num_slots]
 
     def keep_rows(self, rows: Tensor) -> None:
-        """Keep only the sequences ``rows`` (1-D long); every per-sequence tensor follows."""
-        self.ring_slots = self.ring_slots.index_select(0, rows)
-        self.ring_weights = self.ring_weights.index_select(0, rows)
-        self.totals = self.totals.index_select(0, rows)
-        self.live = self.live.index_select(0, rows)
+        """Keep only the sequences ``rows`` (1-D long); every per-sequence tensor follows (as
+        new tensors: views made by ``view`` before this no longer alias them)."""
+        self.ring_slots = self.ring_slots.index_select(-4, rows)
+        self.ring_weights = self.ring_weights.index_select(-4, rows)
+        self.totals = self.totals.index_select(-3, rows)
+        self.live = self.live.index_select(-3, rows)
         self.window_rows = [self.window_rows[row] for row in rows.tolist()]
         # num_rows is shared by every sequence
 

@@ -111,26 +111,27 @@ class StepBudget:
 
     def select_top(self, scores: Tensor) -> Selection:
         """The local tokens plus the ``num_global`` top-scoring candidates of each row, scores
-        (B, Hsel, S); ties go to the lower slot. The same Selection as a stable sort of the
-        scores (tests/unit/test_attention_step_budget.py checks it), from a top-k instead:
-        every score above the row's num_global-th largest is taken, and of the scores equal
-        to it the lowest slots fill the rest."""
-        batch, heads, _ = scores.shape
-        selected = self.local.expand(batch, heads, -1)
+        (..., B, Hsel, S), e.g. with a leading layer axis for several layers at once; ties go
+        to the lower slot. The same Selection as a stable sort of the scores
+        (tests/unit/test_attention_step_budget.py checks it), from a top-k instead: every
+        score above the row's num_global-th largest is taken, and of the scores equal to it
+        the lowest slots fill the rest. The Selection's tensors keep the leading axes."""
+        lead = scores.shape[:-1]  # (..., B, Hsel)
+        selected = self.local.expand(*lead, -1)
         if self.max_global:
-            keyed = scores.masked_fill(~self.candidates, -math.inf)  # (B, Hsel, S)
-            top = keyed.topk(self.max_global, dim=-1).values  # (B, Hsel, G) descending
-            cut = top.gather(-1, (self.num_global - 1).clamp_min(0).expand(batch, heads, 1))
-            above = keyed > cut  # (B, Hsel, S); none in a row with num_global = 0
+            keyed = scores.masked_fill(~self.candidates, -math.inf)  # (..., B, Hsel, S)
+            top = keyed.topk(self.max_global, dim=-1).values  # (..., B, Hsel, G) descending
+            cut = top.gather(-1, (self.num_global - 1).clamp_min(0).expand(*lead, 1))
+            above = keyed > cut  # (..., B, Hsel, S); none in a row with num_global = 0
             tied = keyed == cut
-            missing = self.num_global - above.sum(dim=-1, keepdim=True)  # (B, Hsel, 1)
+            missing = self.num_global - above.sum(dim=-1, keepdim=True)  # (..., B, Hsel, 1)
             selected = selected | above | (tied & (tied.cumsum(dim=-1) <= missing))
         return Selection(indices=_compact(selected, self.width, scores.shape[-1]),
-                         mask=self.entry.expand(batch, heads, -1))
+                         mask=self.entry.expand(*lead, -1))
 
 
 def _compact(mask: Tensor, width: int, num_slots: int) -> Tensor:
-    """(B, H, S) bool -> (B, H, width) the True slots of each row ascending, then S-1."""
+    """(..., H, S) bool -> (..., H, width) the True slots of each row ascending, then S-1."""
     rank = mask.long().cumsum(dim=-1) - 1  # (B, H, S): a True slot's entry
     column = torch.where(mask, rank, width)  # False slots go to a spare last column
     out = torch.full((*mask.shape[:-1], width + 1), num_slots - 1, dtype=torch.long,

@@ -84,7 +84,6 @@ class BlockLoop:
                        for j in range(self.num_layers) for k in range(len(batches))}
         self.live_weights: dict[tuple[int, int], Any] = {}  # (step, layer) -> layer dict
         self.prepared: dict[tuple[int, int], FetchedSelection] = {}  # load_kv results
-        self.next_sel: dict[tuple[int, int], Any] = {}  # selections made for the next step
         self.inputs: dict[tuple[int, int], Tensor | None] = {}  # layer inputs (None = embed)
         self.outputs: dict[tuple[int, int], Tensor] = {}  # computed, awaiting store_hidden
         self.acts: dict[tuple[int, int], Tensor] = {}  # stored layer outputs
@@ -142,7 +141,13 @@ class BlockLoop:
 
     def load_kv(self, op: BlockOp) -> None:
         key = (op.layer_idx, op.batch_idx)
-        store, sel = self.stores[key], self.next_sel.pop(key)
+        batch = self.batches[op.batch_idx]
+        # made here, when the schedule first needs it, rather than right after the layer's
+        # previous compute: by now the layers after it have mostly observed the previous step
+        # too, and the method selects for a run of them at once (``state.ahead``)
+        sel = select_next(self.ctx, batch.method_state, op.layer_idx,
+                          batch.valid[:, :batch.prompt_len + op.step_idx])
+        store = self.stores[key]
 
         def job() -> Any:
             old = clamp_to_stored(sel, store.num_tokens)
@@ -182,17 +187,12 @@ class BlockLoop:
         else:
             out, k_new, v_new = decode_layer(ctx, weights, x, pos, self.stores[(j, k)],
                                              self.prepared.pop((j, k)), batch.pad, state, j)
-        if not self._last_step(i):
-            self.next_sel[(j, k)] = select_next(ctx, state, j, batch.valid[:, :length + i + 1])
         self.new_kv[(j, k)] = (k_new, v_new, x)
         self.outputs[(j, k)] = out
         if k == len(self.batches) - 1:
             del self.live_weights[(i, j)]
         if j == spec.num_layers - 1:
             self._sample(i, batch, out)
-
-    def _last_step(self, step_idx: int) -> bool:
-        return step_idx + 1 >= len(self.memory.plan.steps)
 
     def _layer_input(self, step_idx: int, layer_idx: int, batch_idx: int
                      ) -> tuple[Tensor, Any]:
