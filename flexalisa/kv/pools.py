@@ -104,15 +104,19 @@ class KVRing:
             zeros = torch.zeros(*slots.shape, self.k_parts[0].shape[-1], dtype=self.dtype,
                                 device=self.device)
             return zeros, zeros.clone()
-        ring_idx = (slots % self.capacity).to(self.device)  # (B, Hkv, K)
-        # reads only the selected rows; torch.gather with an index expanded over the last dim
-        # was ~3x slower here
-        batch_idx = torch.arange(ring_idx.shape[0], device=self.device)[:, None, None]
-        head_idx = torch.arange(ring_idx.shape[1], device=self.device)[None, :, None]
+        # every part is a contiguous (B, Hkv, capacity, ·) buffer, so one flat row index
+        # (b * Hkv + h) * capacity + ring index serves K, V and their scales alike, and one
+        # index_select per part reads only the selected rows (take_rows' general strided
+        # path and torch.gather with an index expanded over the last dim were 4x and 8x
+        # slower here)
+        batch, heads, num_sel = slots.shape
+        first_row = torch.arange(0, batch * heads * self.capacity, self.capacity,
+                                 device=self.device).view(batch, heads, 1)
+        rows = (first_row + slots.to(self.device) % self.capacity).view(-1)
 
         def take(parts: list[Tensor]) -> Tensor:
-            picked = [take_rows(p, batch_idx, head_idx, ring_idx) for p in parts]  # (B,Hkv,K,·)
-            return self.decode(picked)
+            return self.decode([p.view(-1, p.shape[-1]).index_select(0, rows)
+                                .view(batch, heads, num_sel, p.shape[-1]) for p in parts])
 
         return take(self.k_parts), take(self.v_parts)
 
