@@ -66,16 +66,16 @@ def partial_attention_probs(
         return out, lse, torch.zeros(batch, num_heads, num_q, 0, device=q.device)
 
     qg = q.reshape(batch, num_kv_heads, group * num_q, head_dim)  # (B, Hkv, G*T, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G*T, S)
+    scores = _scaled_scores(qg, k, scale)  # (B, Hkv, G*T, S), a new tensor
     scores = scores.view(batch, num_kv_heads, group, num_q, num_keys)  # (B, Hkv, G, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~_fold_mask(mask, batch, num_kv_heads), -math.inf)
+        scores.masked_fill_(~_fold_mask(mask, batch, num_kv_heads), -math.inf)
     row_max = scores.amax(dim=-1, keepdim=True)  # (B, Hkv, G, T, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp(scores - row_max)
+    probs = scores.sub_(row_max).exp_()  # in place: the scores are not needed again
     denom = probs.sum(dim=-1, keepdim=True)  # (B, Hkv, G, T, 1)
     lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf where a row had no key
-    probs = probs / denom.clamp_min(torch.finfo(probs.dtype).tiny)
+    probs.div_(denom.clamp_min(torch.finfo(probs.dtype).tiny))
     probs = probs.view(batch, num_kv_heads, group * num_q, num_keys)  # (B, Hkv, G*T, S)
     out = torch.matmul(probs.to(v.dtype), v)  # (B, Hkv, G*T, D)
     out = out.view(batch, num_heads, num_q, head_dim)  # (B, Hq, T, D)
@@ -149,12 +149,21 @@ def attention_probs(
     group = num_heads // num_kv_heads
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     qg = q.reshape(batch, num_kv_heads, group * num_q, head_dim)  # (B, Hkv, G*T, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+    scores = _scaled_scores(qg, k, scale)
     scores = scores.view(batch, num_kv_heads, group, num_q, num_keys)  # (B, Hkv, G, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~_fold_mask(mask, batch, num_kv_heads), -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        scores.masked_fill_(~_fold_mask(mask, batch, num_kv_heads), -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
     return probs.view(batch, num_heads, num_q, num_keys)
+
+
+def _scaled_scores(qg: Tensor, k: Tensor, scale: float) -> Tensor:
+    """float32 qg @ k^T * scale as a new tensor, scaled in place: the same values as an
+    out-of-place product, without a second buffer of the scores' size (for the prefill's
+    score rows, tens of MB whose fresh pages cost as much to fault in as the multiply)."""
+    scores = torch.matmul(qg, k.transpose(-1, -2))
+    scores = scores.float() if scores.dtype != torch.float32 else scores
+    return scores.mul_(scale)
 
 
 def merge(partials: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
