@@ -126,11 +126,11 @@ class StepBudget:
             tied = keyed == cut
             missing = self.num_global - above.sum(dim=-1, keepdim=True)  # (..., B, Hsel, 1)
             selected = selected | above | (tied & (tied.cumsum(dim=-1) <= missing))
-        return Selection(indices=_compact(selected, self.width, scores.shape[-1]),
+        return Selection(indices=compact(selected, self.width, scores.shape[-1]),
                          mask=self.entry.expand(*lead, -1))
 
 
-def _compact(mask: Tensor, width: int, num_slots: int) -> Tensor:
+def compact(mask: Tensor, width: int, num_slots: int) -> Tensor:
     """(..., H, S) bool -> (..., H, width) the True slots of each row ascending, then S-1."""
     rank = mask.long().cumsum(dim=-1) - 1  # (B, H, S): a True slot's entry
     column = torch.where(mask, rank, width)  # False slots go to a spare last column

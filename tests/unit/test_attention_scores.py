@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexalisa.attention import make_method
-from flexalisa.attention.scores import WindowScores
+from flexalisa.attention.scores import WindowScores, top_entries
 
 
 class NaiveScores:
@@ -228,3 +228,20 @@ def test_push_rows_equals_pushing_row_by_row_bit_for_bit(batch, groups, num_new,
     for name in ("ring_slots", "ring_weights", "totals", "live"):
         assert torch.equal(getattr(one, name), getattr(other, name)), name
     assert one.window_rows == other.window_rows and one.num_rows == other.num_rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40), st.integers(1, 45),
+       st.integers(0, 2**16))
+def test_top_entries_are_the_stable_sorts_first_entries(batch, rows, num_slots, width,
+                                                        seed) -> None:
+    """The seed rows' top entries are the first ``width`` of a stable descending sort, as a
+    set in slot order; weights drawn from a few values so that ties are common, with padding
+    keyed -1 as observe_prefill does."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randint(0, 4, (batch, 1, rows, num_slots), generator=generator) / 4
+    weights[..., :num_slots // 3] = -1.0  # padding keys
+    slots, picked = top_entries(weights, width)
+    order = torch.sort(weights, dim=-1, descending=True, stable=True).indices[..., :width]
+    assert torch.equal(slots, order.sort(dim=-1).values)
+    assert torch.equal(picked, weights.gather(-1, slots))
