@@ -366,18 +366,27 @@ def test_dense_views_read_the_gpu_ring_in_place_only_when_it_holds_every_slot() 
     assert store.dense_views(k_new, v_new) is None
 
 
+def all_in_cpu_tier(batch: int, heads: int, num_tokens: int, seed: int
+                    ) -> tuple[KVStoreConfig, TieredKVStore, Tensor, Tensor, Tensor]:
+    """A store holding reference slots [0, num_tokens) in its CPU tier, whose ring has one free
+    index after them; and the reference hidden, K, V of num_tokens + 1 slots (the last: the
+    step's own token)."""
+    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
+                        hidden_size=heads * 4, gpu_capacity_tokens=3,
+                        cpu_capacity_tokens=num_tokens + 1, hidden_capacity_tokens=2)
+    store = TieredKVStore(cfg, "cpu")
+    hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=seed)
+    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], hidden[:, :num_tokens], Tier.CPU)
+    return cfg, store, hidden, k, v
+
+
 def test_host_dense_views_read_the_cpu_tier_in_place_only_when_it_holds_every_slot() -> None:
     """CPU-delegated dense attention: with every slot in an uncompressed CPU tier and a free
     ring index after them, the host K, V are views of the CPU ring equal to the reference with
     the new token last, and the light fetch copies nothing; otherwise None (and the ordinary
     skip_cpu fetch)."""
     batch, heads, num_tokens = 2, 2, 6
-    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
-                        hidden_size=heads * 4, gpu_capacity_tokens=3,
-                        cpu_capacity_tokens=num_tokens + 1, hidden_capacity_tokens=2)
-    store = TieredKVStore(cfg, "cpu")
-    hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=4)
-    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], hidden[:, :num_tokens], Tier.CPU)
+    cfg, store, hidden, k, v = all_in_cpu_tier(batch, heads, num_tokens, seed=4)
     dense = torch.arange(num_tokens + 1).expand(batch, 1, -1)  # entry s = slot s, new last
     fetched = store.fetch(dense.clamp(max=num_tokens - 1), skip_cpu=True, dense=True)
     assert fetched.dense and fetched.cpu_skipped and fetched.host is None
@@ -402,7 +411,6 @@ def test_host_dense_views_read_the_cpu_tier_in_place_only_when_it_holds_every_sl
     assert not compressed.host_ready()  # INT8 codes cannot be attended in place
 
 
-
 def test_host_gather_reads_a_sparse_selection_from_the_cpu_ring_in_place() -> None:
     """CPU-delegated sparse attention over a CPU tier holding every slot: the fetch copies
     nothing and records the selection; ``host_gather`` writes the new token at the ring's next
@@ -410,12 +418,7 @@ def test_host_gather_reads_a_sparse_selection_from_the_cpu_ring_in_place() -> No
     indexing the reference; an in-place fetch cannot be gathered to the device; refused
     (None, and the generic fetch) once a slot leaves the CPU tier."""
     batch, heads, num_tokens = 2, 2, 6
-    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
-                        hidden_size=heads * 4, gpu_capacity_tokens=3,
-                        cpu_capacity_tokens=num_tokens + 1, hidden_capacity_tokens=2)
-    store = TieredKVStore(cfg, "cpu")
-    hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=6)
-    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], hidden[:, :num_tokens], Tier.CPU)
+    _, store, _, k, v = all_in_cpu_tier(batch, heads, num_tokens, seed=6)
     indices = torch.tensor([[[0, 3, 5, 6], [1, 2, 6, 6]],
                             [[4, 6, 6, 6], [0, 1, 2, 6]]])  # (B, Hkv, K); slot 6 is new
     fetched = store.fetch(indices.clamp(max=num_tokens - 1), skip_cpu=True)
