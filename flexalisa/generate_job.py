@@ -64,6 +64,10 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     if cfg.output.resolve() == cfg.input.resolve():
         raise JobInputError("--output must differ from --input")
     done = repair_and_read_done(cfg.output)
+    if all(r.key in done for r in records):  # before the model load, the search, the report
+        print(f"nothing to do: all {len(records)} ids are already in {cfg.output} "
+              f"(its report.json is left as it was)", file=sys.stderr)
+        return RunStats()
     weights, tok = load_model(cfg.model)
     if tok is None:
         raise FlexalisaError(f"{cfg.model}: no tokenizer.json; generate needs a tokenizer")
@@ -92,7 +96,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     stats.extras["wall_s"] = time.perf_counter() - started
     print(stats.summary_line(), file=sys.stderr)
     report = {"command": command, "model": weights.spec.name, "device": cfg.device,
-              "stats": stats.to_dict(),
+              "ids_already_done": skipped, "stats": stats.to_dict(),
               **runtime_sections(stats.extras.get("runtime"), policy, prediction, stats)}
     write_report(cfg.output.resolve().parent, report)
     return stats

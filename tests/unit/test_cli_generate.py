@@ -40,12 +40,19 @@ def test_generate_writes_every_id_once_with_all_fields(tiny_chat_model, tmp_path
     assert stats["generated_tokens"] == 6 * 7 + 2 and stats["total_tok_s"] > 0
 
 
-def test_rerun_skips_finished_ids(tiny_chat_model, tmp_path, capsys):
-    run(tiny_chat_model, tmp_path, PROMPTS)
-    before = (tmp_path / "out.jsonl").read_text()
-    code, out = run(tiny_chat_model, tmp_path, PROMPTS)
-    assert code == 0 and out.read_text() == before
-    assert "7 of 7 ids already" in capsys.readouterr().err
+def test_rerun_skips_finished_ids(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    run(tiny_chat_model, tmp_path, PROMPTS[:4])
+    code, out = run(tiny_chat_model, tmp_path, PROMPTS)  # 4 of 7 done: the rest is generated
+    assert code == 0 and "resuming: 4 of 7 ids already" in capsys.readouterr().err
+    assert sorted(r["id"] for r in read(out)) == list(range(7))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ids_already_done"] == 4 and report["stats"]["num_prompts"] == 3
+
+    before = {name: (tmp_path / name).read_text() for name in ("out.jsonl", "report.json")}
+    monkeypatch.setattr("flexalisa.generate_job.load_model", lambda *a: pytest.fail("loaded"))
+    code, out = run(tiny_chat_model, tmp_path, PROMPTS)  # all done: no model, report kept
+    assert code == 0 and "nothing to do: all 7 ids" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_text() for name in before} == before
 
 
 def test_sampling_is_seeded_per_row(tiny_chat_model, tmp_path):
