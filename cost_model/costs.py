@@ -61,11 +61,6 @@ def layer_weight_bytes(spec: ModelSpec, compression: str, dtype_bytes: int) -> f
     return spec.layer_numel * bytes_per_element(compression, dtype_bytes)
 
 
-def head_weight_bytes(spec: ModelSpec, compression: str, dtype_bytes: int) -> float:
-    """Stored bytes of everything outside the layers (embeddings, final norm, lm_head)."""
-    return spec.embed_numel * bytes_per_element(compression, dtype_bytes)
-
-
 def kv_bytes_per_token(spec: ModelSpec, compression: str, dtype_bytes: int) -> float:
     """Stored K+V bytes of one token in one layer."""
     return spec.kv_numel_per_token * bytes_per_element(compression, dtype_bytes)
@@ -119,13 +114,18 @@ def head_flops(spec: ModelSpec, rows: float) -> float:
     return 2.0 * rows * spec.vocab_size * spec.embed_dim
 
 
-def prefill_working_bytes(spec: ModelSpec, batch: int, prompt_len: int, dtype_bytes: int) -> float:
-    """Peak device scratch of one layer's prefill for one GPU batch.
+def working_set_bytes(spec: ModelSpec, batch: int, prompt_len: int, kv_tokens: float,
+                      dtype_bytes: int) -> float:
+    """Device scratch the runtime reserves for one GPU batch besides weights, KV and activations.
 
-    The residual input plus the larger of the attention stage (Q, K, V and the ``(B, nh, s, s)``
-    scores) and the MLP stage (its intermediate), which are never live together.
+    The larger of one layer's prefill (every projection output at once: Q, K, V, twice the MLP
+    width, three hidden-sized buffers, and the fp32 ``(B, nh, s, s)`` attention scores) and a
+    decode step's gathered K, V of ``kv_tokens`` per sequence (the gathered copy and its
+    scratch), plus the batch's fp32 logits. ``flexalisa.runtime.budget`` checks budgets with
+    this same sum, so the search and the runtime agree on it.
     """
     rows = batch * prompt_len
-    attention = rows * (spec.q_dim + 2 * spec.kv_dim) + batch * spec.num_heads * prompt_len**2
-    mlp = rows * spec.ffn_size
-    return (rows * spec.hidden_size + max(attention, mlp)) * dtype_bytes
+    width = spec.q_dim + 2 * spec.kv_dim + 2 * spec.ffn_size + 3 * spec.hidden_size
+    prefill = rows * width * dtype_bytes + batch * spec.num_heads * prompt_len**2 * 4
+    gathered = 2 * batch * kv_tokens * spec.kv_numel_per_token * dtype_bytes
+    return max(prefill, gathered) + batch * spec.vocab_size * 4

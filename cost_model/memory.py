@@ -2,12 +2,16 @@
 
 Home placement plus working buffers::
 
-    GPU = wg*W + (1-α-β)*KV(n) + hg*A + 2*(1-wg)*W_layer   (double-buffered streamed weights)
-          + max(prefill scratch, gathered selection x2) (+ one dequantized layer when compressed)
+    GPU = G + wg*W + (1-α-β)*KV(n) + hg*A + 2*(1-wg)*W_layer   (double-buffered streamed layers;
+                                                             2*W_layer, dequantized, with INT4)
+          + max(prefill scratch, gathered selection x2) + logits  (costs.working_set_bytes)
     CPU = (1-wg)*W + α*KV(n) + β*H(n) + (1-hg)*A + delegated-attention upcast buffers
 
-with W all weights, KV(n) / H(n) the K+V / layer inputs of ``batch`` sequences of ``n`` tokens over
-all layers, A the block's prefill activations. Symbols as in ``cost_model.timing``.
+with W the decoder layers' weights, G the globals as the runtime holds them (embeddings, final
+norm and lm_head: always on the device and never compressed; on the CPU stand-in in fp32 a tied
+lm_head keeps a second, oneDNN-packed copy), KV(n) / H(n) the K+V / layer inputs of ``batch``
+sequences of ``n`` tokens over all layers, A the block's prefill activations. Symbols as in
+``cost_model.timing``.
 """
 
 from __future__ import annotations
@@ -33,20 +37,33 @@ def phase_peaks(workload: Workload, knobs: Knobs) -> dict[int, int]:
     return peaks
 
 
-def weights_bytes(spec: ModelSpec, knobs: Knobs, dtype_bytes: int) -> float:
-    return (spec.num_layers * costs.layer_weight_bytes(spec, knobs.weight_compression, dtype_bytes)
-            + costs.head_weight_bytes(spec, knobs.weight_compression, dtype_bytes))
+def layers_bytes(spec: ModelSpec, knobs: Knobs, dtype_bytes: int) -> float:
+    """Stored bytes of all decoder layers: what ``wg`` splits between GPU and CPU."""
+    return spec.num_layers * costs.layer_weight_bytes(spec, knobs.weight_compression, dtype_bytes)
+
+
+def globals_device_bytes(spec: ModelSpec, hw: HardwareProfile) -> float:
+    """Device bytes of the globals, as the runtime's ``WeightStore`` holds them."""
+    numel = spec.embed_numel
+    if hw.device_kind == "cpu" and hw.compute_dtype_bytes == 4 and spec.tie_word_embeddings:
+        numel += spec.vocab_size * spec.embed_dim  # the packed copy of the tied lm_head
+    return numel * hw.compute_dtype_bytes
 
 
 def _gpu_working(spec: ModelSpec, knobs: Knobs, workload: Workload, num_tokens: int,
                  dt: int) -> float:
-    b = knobs.gpu_batch_size
-    prefill = costs.prefill_working_bytes(spec, b, workload.prompt_len, dt)
     sel = costs.selected_tokens(num_tokens, knobs.sparsity_method, knobs.sparsity)
-    gathered = 2 * b * sel * spec.kv_numel_per_token * dt
-    dequant = spec.layer_numel * dt if knobs.weight_compression != "none" else 0.0
-    logits = b * spec.vocab_size * 4
-    return max(prefill, gathered) + dequant + logits
+    return costs.working_set_bytes(spec, knobs.gpu_batch_size, workload.prompt_len, sel, dt)
+
+
+def _working_layers(spec: ModelSpec, knobs: Knobs, dt: int) -> Affine:
+    """The two device buffers a layer is materialised in when it is streamed or dequantized:
+    always with INT4 weights; otherwise relaxed to (1 - wg) of them, since the LP's wg is
+    continuous and the runtime needs them as soon as one layer is streamed."""
+    full = 2.0 * costs.layer_weight_bytes(spec, "none", dt)
+    if knobs.weight_compression != "none":
+        return Affine(full)
+    return (1.0 - Affine.var("wg")) * full
 
 
 def memory_at(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs, workload: Workload,
@@ -59,10 +76,9 @@ def memory_at(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs, workload: Work
     kv = seq_tokens * costs.kv_bytes_per_token(spec, knobs.kv_compression, dt)
     hidden = seq_tokens * costs.hidden_bytes_per_token(spec, dt)
     acts = knobs.batch * workload.prompt_len * spec.hidden_size * dt
-    weights = weights_bytes(spec, knobs, dt)
-    layer_w = costs.layer_weight_bytes(spec, knobs.weight_compression, dt)
-    gpu = (wg * weights + (1.0 - alpha - beta) * kv + hg * acts + (1.0 - wg) * (2 * layer_w)
-           + _gpu_working(spec, knobs, workload, num_tokens, dt))
+    weights = layers_bytes(spec, knobs, dt)
+    gpu = (globals_device_bytes(spec, hw) + wg * weights + (1.0 - alpha - beta) * kv + hg * acts
+           + _working_layers(spec, knobs, dt) + _gpu_working(spec, knobs, workload, num_tokens, dt))
     cpu = (1.0 - wg) * weights + alpha * kv + beta * hidden + (1.0 - hg) * acts
     if knobs.cpu_attention and phase >= 2:
         sel = costs.selected_tokens(num_tokens, knobs.sparsity_method, knobs.sparsity)

@@ -5,7 +5,8 @@ Paper symbols (used only inside ``cost_model``):
 =========  =======================================================================
 symbol     meaning (Policy field)
 =========  =======================================================================
-wg         share of weights on the GPU (``weights_gpu_share``); wc = 1 - wg on the CPU
+wg         share of the layers' weights on the GPU (``weights_gpu_share``); wc = 1 - wg on
+           the CPU. The globals (embeddings, final norm, lm_head) always live on the GPU
 hg         share of activations on the GPU (``act_gpu_share``); hc = 1 - hg
 α (alpha)  share of tokens whose KV lives on the CPU from phase II on (``kv_cpu_share``)
 β (beta)   share of the oldest tokens whose KV is dropped and recomputed from stored layer
@@ -102,8 +103,7 @@ class StepCost:
     gpu_s: Affine  # per iteration: device compute
     cpu_s: Affine  # per iteration: delegated attention on the host
     recomputed_tokens: Affine  # per iteration: K,V rows recomputed
-    head_h2d_bytes: Affine  # per step: CPU share of embedding + lm_head weights
-    head_gpu_s: float  # per step: lm_head compute
+    head_gpu_s: float  # per step: lm_head compute (the globals are device-resident)
 
     def iteration_lanes(self, hw: HardwareProfile, overlap: bool, first: bool) -> list[Affine]:
         """The time terms one iteration is bounded by (see the module docstring)."""
@@ -115,14 +115,11 @@ class StepCost:
         return [*shared_lanes(self.gpu_s + self.cpu_s, [h2d, d2h], hw.copy_overlap), host_mem]
 
     def head_lanes(self, hw: HardwareProfile, overlap: bool) -> list[Affine]:
-        load = self.head_h2d_bytes / hw.h2d_bytes_per_s
-        if not overlap:
-            return [load + self.head_gpu_s]
-        return shared_lanes(Affine(self.head_gpu_s), [load], hw.copy_overlap)
+        """The lm_head's compute: nothing is loaded for it (see ``_head``)."""
+        return [Affine(self.head_gpu_s)]
 
     def total_h2d_bytes(self) -> Affine:
-        return (self.weight_h2d_bytes + self.num_gpu_batches * self.h2d_bytes) * self.num_layers \
-            + self.head_h2d_bytes
+        return (self.weight_h2d_bytes + self.num_gpu_batches * self.h2d_bytes) * self.num_layers
 
     def total_d2h_bytes(self) -> Affine:
         return self.d2h_bytes * (self.num_layers * self.num_gpu_batches)
@@ -211,13 +208,12 @@ def _cpu_attention_s_per_token(spec: ModelSpec, hw: HardwareProfile, knobs: Knob
 
 
 def _head(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs) -> dict:
-    """Embedding + lm_head for one step: their CPU share is loaded, logits computed per batch."""
+    """The lm_head for one step, per GPU batch. The runtime keeps the globals (embeddings,
+    final norm, lm_head) on the device whatever ``wg`` is, so none of them is loaded."""
     dt, b = hw.compute_dtype_bytes, knobs.gpu_batch_size
-    head_bytes = costs.head_weight_bytes(spec, knobs.weight_compression, dt)
     per_batch = _gemm_s(hw, b, [(spec.embed_dim, spec.vocab_size)],
                         spec.vocab_size * spec.embed_dim * dt)
-    return dict(head_h2d_bytes=(1.0 - Affine.var("wg")) * head_bytes,
-                head_gpu_s=knobs.num_gpu_batches * per_batch)
+    return dict(head_gpu_s=knobs.num_gpu_batches * per_batch)
 
 
 def _layer_weights(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs) -> dict:

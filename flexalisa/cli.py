@@ -54,7 +54,9 @@ def _add_placement_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-policy", action="store_true",
                    help="pick the policy with the cost model's search, then run offloaded")
     p.add_argument("--hardware", default="local",
-                   help="profile for --auto-policy: preset, hw.json, or local (measure, ~15 s)")
+                   help="profile for --auto-policy: preset, hw.json, or local (measure, ~15 s); "
+                        "with --policy, a preset or hw.json adds the cost model's prediction "
+                        "to the report")
     p.add_argument("--gpu-mem", default=None,
                    help="device memory budget, e.g. 512MiB (enforced on CPU-only machines too)")
     p.add_argument("--cpu-mem", default=None, help="host memory budget, e.g. 16GB")

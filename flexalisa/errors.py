@@ -16,4 +16,12 @@ class JobInputError(FlexalisaError):
 
 
 class BudgetError(FlexalisaError):
-    """A policy that cannot fit the device/host memory budgets; says what would fit."""
+    """A policy that cannot fit the device/host memory budgets; says what would fit.
+
+    ``device_over``: bytes by which the policy's fixed device reservation (weights,
+    activations, working buffers) exceeds the device budget; 0 when something else misfits.
+    """
+
+    def __init__(self, message: str, device_over: int = 0) -> None:
+        super().__init__(message)
+        self.device_over = device_over

@@ -10,9 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cost_model import HardwareProfile, parse_bytes
+from cost_model import HardwareProfile, format_bytes, parse_bytes
+from cost_model.costs import layer_weight_bytes
 from cost_model.spec import ModelSpec
-from flexalisa.errors import FlexalisaError
+from flexalisa.errors import BudgetError, FlexalisaError
 from policy import Policy, Prediction, predict
 
 
@@ -61,36 +62,18 @@ def hardware_profile(req: PlacementRequest) -> HardwareProfile:
         raise FlexalisaError(f"--hardware {req.hardware!r}: {exc}") from None
 
 
-def resolve_policy(req: PlacementRequest, spec: ModelSpec, work: Workload,
-                   hw: HardwareProfile | None = None) -> tuple[Policy | None, Prediction | None]:
-    """The policy to run and, when the cost model chose it, its prediction."""
-    if req.policy_path is not None:
-        try:
-            return Policy.load(req.policy_path), None
-        except (ValueError, OSError, KeyError, TypeError) as exc:
-            raise FlexalisaError(f"--policy {req.policy_path}: {exc}") from None
-    if not req.offload:
-        return None, None
-    # --auto-policy, or budgets alone: the cost model places weights, KV and activations to fit
-    from policy import InfeasibleError, SearchSpace, search
-
-    hw = hw or hardware_profile(req)
-    space = SearchSpace(batch_sizes=(work.batch,), sparsity_methods=(work.sparsity_method,),
-                        sparsities=(work.sparsity,) if work.sparsity else (0.0,))
+def policy_from_file(req: PlacementRequest, spec: ModelSpec, work: Workload
+                     ) -> tuple[Policy, Prediction | None]:
+    """``--policy``'s Policy and, when ``--hardware`` names a preset or profile file, the cost
+    model's prediction for it (measuring this machine just to price it is not worth 15 s)."""
+    assert req.policy_path is not None
     try:
-        result = search(spec, hw, work.prompt_len, work.gen_len, space)
-    except InfeasibleError as exc:
-        raise FlexalisaError(f"no policy fits: {exc}") from None
-    print(f"auto-policy: {result.policy.describe()}", file=sys.stderr)
-    return result.policy, result.prediction
-
-
-def prediction_for(req: PlacementRequest, spec: ModelSpec, policy: Policy,
-                   work: Workload) -> Prediction | None:
-    """The cost model's prediction for a given policy when a hardware profile was named."""
+        policy = Policy.load(req.policy_path)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise FlexalisaError(f"--policy {req.policy_path}: {exc}") from None
     if req.hardware == "local":
-        return None
-    return predict(spec, hardware_profile(req), policy, work.prompt_len, work.gen_len)
+        return policy, None
+    return policy, predict(spec, hardware_profile(req), policy, work.prompt_len, work.gen_len)
 
 
 def make_generator(req: PlacementRequest, weights, device: str, method, work: Workload):
@@ -103,19 +86,43 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
     if method is not None and (method.per_kv_head or getattr(method, "query_channels", 0)):
         raise FlexalisaError("--per-kv-head / --query-channels run on the all-on-device engine "
                              "only; the offloading runtime uses the paper's per-layer SWA")
-    policy, prediction = _fitting_policy(req, weights, device, work)
+    gpu, cpu = req.budget_bytes()
+    # the runtime's memory plan is checked at the job's longest prompt and generation
+    prompts, limits = [[0] * work.prompt_len] * work.batch, [work.gen_len] * work.batch
+    if req.policy_path is not None:
+        policy, prediction = policy_from_file(req, weights.spec, work)
+        _check_sparsity(method, policy)
+        runner = _runner(weights, device, policy, gpu, cpu)
+        try:
+            runner.plan(prompts, limits)
+        except BudgetError:
+            runner.close()
+            raise
+        return runner, policy, prediction
+    # --auto-policy, or budgets alone: the cost model places weights, KV and activations to fit
+    from policy import SearchSpace
+
+    space = SearchSpace(batch_sizes=(work.batch,), sparsity_methods=(work.sparsity_method,),
+                        sparsities=(work.sparsity,) if work.sparsity else (0.0,))
+    result, runner, searched_bytes = fitting_search(weights, hardware_profile(req), prompts,
+                                                    limits, space, device, gpu, cpu)
+    note = (f" (searched as if the device had {format_bytes(searched_bytes)}, so that the "
+            f"runtime's own plan fits)" if gpu is not None and searched_bytes < gpu else "")
+    print(f"auto-policy: {result.policy.describe()}{note}", file=sys.stderr)
+    return runner, result.policy, result.prediction
+
+
+def _check_sparsity(method, policy: Policy) -> None:
     if method is not None and (policy.sparsity_method, policy.sparsity) != (
             method.name, method.sparsity):
         raise FlexalisaError(f"--sparsity-method {method.name} --sparsity {method.sparsity} "
                              f"conflicts with the policy's {policy.sparsity_method} "
                              f"{policy.sparsity}; drop the flags or edit the policy")
-    return _runner(req, weights, device, policy), policy, prediction
 
 
-def _runner(req: PlacementRequest, weights, device: str, policy: Policy):
+def _runner(weights, device: str, policy: Policy, gpu: int | None, cpu: int | None):
     from flexalisa.runtime import OffloadRunner
 
-    gpu, cpu = req.budget_bytes()
     try:
         return OffloadRunner(weights, policy, device=device, gpu_mem_bytes=gpu,
                              cpu_mem_bytes=cpu)
@@ -123,36 +130,45 @@ def _runner(req: PlacementRequest, weights, device: str, policy: Policy):
         raise FlexalisaError(str(exc)) from None
 
 
-SEARCH_RETRIES = 5  # searches with a shrinking device budget before giving up
-SEARCH_SHRINK = 0.75  # device memory the search may plan with, relative to the last try
+SEARCH_RETRIES = 5  # searches after the first, each with less device memory
+SEARCH_SHRINK = 0.75  # device memory of the next search when the misfit is not the device's
 
 
-def _fitting_policy(req: PlacementRequest, weights, device: str, work: Workload
-                    ) -> tuple[Policy, Prediction | None]:
-    """A policy whose runtime memory plan fits the budgets.
+def fitting_search(weights, hw: HardwareProfile, prompts: list[list[int]], limits: list[int],
+                   space, device: str = "cpu", gpu_mem_bytes: int | None = None,
+                   cpu_mem_bytes: int | None = None):
+    """(search result, planned runner, device bytes of the last search): the cost model's best
+    policy whose runtime memory plan fits the budgets.
 
-    The cost model's memory terms are estimates; the runtime's plan counts real buffers. When
-    the searched policy does not fit the runtime's plan, search again as if the device had less
-    memory, so the budget the user gave is never exceeded.
+    The cost model's memory terms relax the runtime's (its weight share is continuous, the
+    runtime places whole layers and needs both working buffers once any layer streams). When
+    the runtime's plan does not fit, search again as if the device had less memory: less by
+    the overshoot the runtime reports plus one layer's weights (the runtime's unit), or by
+    ``SEARCH_SHRINK`` when the misfit is elsewhere. The budgets given are never exceeded.
     """
-    from flexalisa.errors import BudgetError
+    from policy import InfeasibleError, search
 
-    policy, prediction = resolve_policy(req, weights.spec, work)
-    prompts, limits = [[0] * work.prompt_len] * work.batch, [work.gen_len] * work.batch
-    if req.policy_path is not None:  # a given policy is checked, at the job's longest prompt
-        _runner(req, weights, device, policy).plan(prompts, limits)
-        return policy, prediction
-    hw = hardware_profile(req) if req.hardware != "local" else None
-    for _ in range(SEARCH_RETRIES):
-        runner = _runner(req, weights, device, policy)
+    prompt_len, gen_len = max(map(len, prompts)), max(limits)
+    for retry in range(SEARCH_RETRIES + 1):
+        try:
+            result = search(weights.spec, hw, prompt_len, gen_len, space)
+        except InfeasibleError as exc:
+            raise FlexalisaError(f"no policy fits: {exc}") from None
+        runner = _runner(weights, device, result.policy, gpu_mem_bytes, cpu_mem_bytes)
         try:
             runner.plan(prompts, limits)
-            return policy, prediction
-        except BudgetError:
-            hw = hw or hardware_profile(req)
-            hw = hw.with_memory(int(hw.gpu_mem_bytes * SEARCH_SHRINK))
-            policy, prediction = resolve_policy(req, weights.spec, work, hw)
-        finally:
+            return result, runner, hw.gpu_mem_bytes
+        except BudgetError as exc:
             runner.close()
-    _runner(req, weights, device, policy).plan(prompts, limits)  # raises the runtime's message
-    return policy, prediction
+            if retry == SEARCH_RETRIES:
+                raise  # the runtime's message: what the last policy needs, and what would fit
+            if exc.device_over:  # the runtime places whole layers: give up one more
+                layer = layer_weight_bytes(weights.spec, result.policy.weight_compression,
+                                           hw.compute_dtype_bytes)
+                less = hw.gpu_mem_bytes - exc.device_over - int(layer)
+            else:
+                less = int(hw.gpu_mem_bytes * SEARCH_SHRINK)
+            if less <= 0:
+                raise
+            hw = hw.with_memory(less)
+    raise AssertionError("unreachable")

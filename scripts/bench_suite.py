@@ -33,14 +33,13 @@ from cost_model.profiling import cpu_description
 from flexalisa.attention import make_method
 from flexalisa.bench import run_timings, summarize_timings, synthetic_prompts
 from flexalisa.engine import Engine
-from flexalisa.errors import BudgetError, FlexalisaError
+from flexalisa.errors import FlexalisaError
 from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
-from flexalisa.placement import SEARCH_RETRIES, SEARCH_SHRINK
+from flexalisa.placement import fitting_search
 from flexalisa.plots import render_all
 from flexalisa.report import RunStats, kv_memory_per_step, runtime_sections
-from flexalisa.runtime import OffloadRunner
-from policy import SearchSpace, search
+from policy import SearchSpace
 
 # gpu_mem: the CPU stand-in's device budget. SmolLM2's tied lm_head takes a second, oneDNN-packed
 # copy there (flexalisa.models.linear), so 448 MiB leaves about what 320 MiB left before it.
@@ -104,22 +103,6 @@ def sparse_vs_dense(weights, sizes: dict, peak: float) -> list[dict]:
     return rows
 
 
-def fitting_search(weights, hw: HardwareProfile, prompts, gen_len: int, space: SearchSpace):
-    """The search's best policy whose runtime memory plan fits the budget: like `generate
-    --gpu-mem`, search again with less device memory while the runtime's plan does not fit."""
-    budget = hw.gpu_mem_bytes
-    for _ in range(SEARCH_RETRIES):
-        result = search(weights.spec, hw, len(prompts[0]), gen_len, space)
-        runner = OffloadRunner(weights, result.policy, gpu_mem_bytes=budget)
-        try:
-            runner.plan(prompts, [gen_len] * len(prompts))
-            return result, runner
-        except BudgetError:
-            runner.close()
-            hw = hw.with_memory(int(hw.gpu_mem_bytes * SEARCH_SHRINK))
-    raise BudgetError(f"no searched policy fits {budget} bytes after {SEARCH_RETRIES} tries")
-
-
 def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[dict], dict]:
     rows, last_report = [], {}
     prompt_len, gen_len = sizes["offload_prompt"], sizes["offload_gen"]
@@ -129,7 +112,8 @@ def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[di
         prompts = synthetic_prompts(weights.spec.vocab_size, batch, prompt_len, seed=2)
         for label, space in spaces.items():
             space = SearchSpace(**{**space.__dict__, "batch_sizes": (batch,)})
-            result, runner = fitting_search(weights, hw, prompts, gen_len, space)
+            result, runner, _ = fitting_search(weights, hw, prompts, [gen_len] * batch, space,
+                                               gpu_mem_bytes=hw.gpu_mem_bytes)
             runs = timed(lambda r=runner, p=prompts: r.generate(p, gen_len, ignore_eos=True),
                          sizes["repeat"])
             runner.close()

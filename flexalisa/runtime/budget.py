@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cost_model.costs import working_set_bytes
 from cost_model.units import format_bytes
 from flexalisa.errors import BudgetError
 from flexalisa.kv import KVStoreConfig
@@ -85,11 +86,7 @@ def fixed_bytes(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo,
     act_gpu = int(round(policy.act_gpu_share * shape.num_gpu_batches))
     gpu += act_gpu * act
     cpu += (shape.num_gpu_batches - act_gpu) * act
-    width = spec.q_dim + 2 * spec.kv_dim + 2 * spec.ffn_size + 3 * spec.hidden_size
-    prefill = batch * length * width * elt + batch * spec.num_heads * length * length * 4
-    max_len = length + shape.num_steps
-    gathered = 4 * batch * spec.num_kv_heads * max_len * spec.head_dim * elt
-    gpu += max(prefill, gathered) + batch * spec.vocab_size * 4
+    gpu += int(working_set_bytes(spec, batch, length, length + shape.num_steps, elt))
     return gpu, cpu
 
 
@@ -136,29 +133,39 @@ def _plan(policy: Policy, shape: BlockShapeInfo, gpu_cap: int | None,
     return plan_tiers(config)
 
 
+@dataclass(frozen=True)
+class Misfit:
+    """Why a block does not fit: a one-line reason, and the bytes by which its fixed device
+    part exceeds the device budget (0 when that is not what misfits)."""
+
+    reason: str
+    device_over: int = 0
+
+
 def try_block(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dtype: torch.dtype,
               gpu_mem_bytes: int | None, cpu_mem_bytes: int | None,
-              device_type: str = "cpu") -> BlockMemory | str:
-    """The block's memory plan, or a one-line reason it does not fit."""
+              device_type: str = "cpu") -> BlockMemory | Misfit:
+    """The block's memory plan, or why it does not fit."""
     gpu_fixed, cpu_fixed = fixed_bytes(weights, policy, shape, dtype, device_type)
     per_token = _per_token(weights, policy, shape, dtype)
     for name, budget, fixed in (("device", gpu_mem_bytes, gpu_fixed),
                                 ("host", cpu_mem_bytes, cpu_fixed)):
         if budget is not None and fixed > budget:
-            return (f"weights, activations and working buffers need {format_bytes(fixed)} "
-                    f"on the {name}, more than its budget of {format_bytes(budget)}")
+            return Misfit(f"weights, activations and working buffers need {format_bytes(fixed)} "
+                          f"on the {name}, more than its budget of {format_bytes(budget)}",
+                          fixed - budget if name == "device" else 0)
     plan = _plan(policy, shape, _capacity(gpu_mem_bytes, gpu_fixed, per_token[Tier.GPU]),
                  _capacity(cpu_mem_bytes, cpu_fixed, per_token[Tier.CPU]))
     if isinstance(plan, DoesNotFit):
-        return plan.message
+        return Misfit(plan.message)
     config = store_config(weights, policy, shape.gpu_batch_size, plan, dtype)
     stores = weights.spec.num_layers * shape.num_gpu_batches
     gpu = gpu_fixed + stores * config.reserved_bytes(Tier.GPU)
     cpu = cpu_fixed + stores * (config.reserved_bytes(Tier.CPU)
                                 + config.reserved_bytes(Tier.RECOMPUTE))
     if cpu_mem_bytes is not None and cpu > cpu_mem_bytes:
-        return (f"the CPU tier plus kept hidden states need {format_bytes(cpu)} on the host, "
-                f"more than its budget of {format_bytes(cpu_mem_bytes)}")
+        return Misfit(f"the CPU tier plus kept hidden states need {format_bytes(cpu)} on the "
+                      f"host, more than its budget of {format_bytes(cpu_mem_bytes)}")
     return BlockMemory(plan, config, gpu_fixed, cpu_fixed, gpu, cpu)
 
 
@@ -170,7 +177,7 @@ def plan_block(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dty
     if isinstance(result, BlockMemory):
         return result
     hint = _what_fits(weights, policy, shape, dtype, gpu_mem_bytes, cpu_mem_bytes, device_type)
-    raise BudgetError(f"policy does not fit: {result}. {hint}")
+    raise BudgetError(f"policy does not fit: {result.reason}. {hint}", result.device_over)
 
 
 def _what_fits(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo, dtype: torch.dtype,

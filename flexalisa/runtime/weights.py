@@ -40,7 +40,9 @@ class WeightLayout:
     @classmethod
     def from_share(cls, weights_gpu_share: float, num_layers: int,
                    compressed: bool) -> WeightLayout:
-        return cls(int(round(weights_gpu_share * num_layers)), num_layers, compressed)
+        """Whole layers, rounded down: the device never holds more than the policy's share,
+        which is what the cost model's memory terms count."""
+        return cls(int(weights_gpu_share * num_layers + 1e-9), num_layers, compressed)
 
     def resident(self, layer_idx: int) -> bool:
         return layer_idx < self.num_resident_layers

@@ -47,6 +47,12 @@ def test_policy_file_runs_offloaded_with_the_same_tokens(tiny_chat_model, tmp_pa
     assert report["runtime"]["runner"] == "offload"
     assert report["runtime"]["tokens_recomputed"] > 0 and report["runtime"]["h2d_bytes"] > 0
     assert set(report["breakdown"]["by_op"]) >= {"linear", "attention", "transfer_wait"}
+    assert "prediction" not in report  # pricing a policy file needs a named --hardware
+
+    code, out = run(tiny_chat_model, tmp_path, "priced", "--policy", str(policy_path),
+                    "--hardware", "t4-16g")
+    report = json.loads((out.parent / "report.json").read_text())
+    assert code == 0 and report["prediction"]["predicted_total_tok_s"] > 0
 
 
 @pytest.mark.parametrize("extra, message", [
