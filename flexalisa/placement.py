@@ -149,17 +149,19 @@ def fitting_search(weights, hw: HardwareProfile, prompts: list[list[int]], limit
     from policy import InfeasibleError, search
 
     prompt_len, gen_len = max(map(len, prompts)), max(limits)
+    misfit: BudgetError | None = None
     for retry in range(SEARCH_RETRIES + 1):
         try:
             result = search(weights.spec, hw, prompt_len, gen_len, space)
-        except InfeasibleError as exc:
-            raise FlexalisaError(f"no policy fits: {exc}") from None
+        except InfeasibleError as exc:  # after a refit, the runtime's message says more
+            raise misfit or FlexalisaError(str(exc)) from None
         runner = _runner(weights, device, result.policy, gpu_mem_bytes, cpu_mem_bytes)
         try:
             runner.plan(prompts, limits)
             return result, runner, hw.gpu_mem_bytes
         except BudgetError as exc:
             runner.close()
+            misfit = exc
             if retry == SEARCH_RETRIES:
                 raise  # the runtime's message: what the last policy needs, and what would fit
             if exc.device_over:  # the runtime places whole layers: give up one more

@@ -61,6 +61,7 @@ def test_policy_file_runs_offloaded_with_the_same_tokens(tiny_chat_model, tmp_pa
     (["--policy", "p.json", "--auto-policy"], "mutually exclusive"),
     (["--policy", "bad.json"], "sum to 1.4, must be 1"),
     (["--policy", "tiny.json", "--gpu-mem", "1KiB"], "policy does not fit"),
+    (["--gpu-mem", "1KiB", "--hardware", "t4-16g"], "error: no policy fits: GPU 0.00 GiB"),
 ])
 def test_bad_policy_or_budget(tiny_chat_model, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
