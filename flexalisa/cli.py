@@ -126,13 +126,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result["policy"] = policy.to_dict()
     print(json.dumps(result))
     if args.report is not None:
-        from flexalisa.report import RunStats
-
-        stats = RunStats(extras={})
         args.report.mkdir(parents=True, exist_ok=True)
         write_report(args.report, {"command": args.command_line, "model": result["model_name"],
                                    "device": cfg.device, "stats": result, "runs": [result],
-                                   **runtime_sections(result.get("extras"), policy, None, stats)})
+                                   **runtime_sections(result.get("extras"), policy, prediction,
+                                                      result["total_tok_s"])})
     return 0
 
 

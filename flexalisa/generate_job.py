@@ -97,7 +97,8 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     print(stats.summary_line(), file=sys.stderr)
     report = {"command": command, "model": weights.spec.name, "device": cfg.device,
               "ids_already_done": skipped, "stats": stats.to_dict(),
-              **runtime_sections(stats.extras.get("runtime"), policy, prediction, stats)}
+              **runtime_sections(stats.extras.get("runtime"), policy, prediction,
+                                 stats.total_tok_s)}
     write_report(cfg.output.resolve().parent, report)
     return stats
 

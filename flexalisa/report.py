@@ -142,9 +142,10 @@ def _combine(a, b, op):
     return b
 
 
-def runtime_sections(extras: dict | None, policy, prediction, stats: RunStats) -> dict:
+def runtime_sections(extras: dict | None, policy, prediction,
+                     measured_total_tok_s: float) -> dict:
     """Report sections for an offloaded run: the policy, the runner's counters, the breakdown
-    the plots read, and predicted vs measured when the cost model chose the policy."""
+    the plots read, and predicted vs measured when the cost model chose or priced the policy."""
     sections: dict = {}
     if policy is not None:
         sections["policy"] = policy.to_dict()
@@ -153,7 +154,7 @@ def runtime_sections(extras: dict | None, policy, prediction, stats: RunStats) -
         sections["breakdown"] = {"by_op": extras.get("op_s", {}),
                                  "by_phase": extras.get("phase_s", {})}
     if prediction is not None:
-        measured = stats.total_tok_s
+        measured = measured_total_tok_s
         sections["prediction"] = {
             "predicted_prefill_tok_s": prediction.prefill_tok_per_s,
             "predicted_decode_tok_s": prediction.decode_tok_per_s,

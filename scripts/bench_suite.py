@@ -38,7 +38,7 @@ from flexalisa.models import default_model_path, load_model
 from flexalisa.peers import load_hf_model, time_hf, workload_flops
 from flexalisa.placement import fitting_search
 from flexalisa.plots import render_all
-from flexalisa.report import RunStats, kv_memory_per_step, runtime_sections
+from flexalisa.report import kv_memory_per_step, runtime_sections
 from policy import SearchSpace
 
 # gpu_mem: the CPU stand-in's device budget. SmolLM2's tied lm_head takes a second, oneDNN-packed
@@ -124,8 +124,8 @@ def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[di
             print(f"  {label} batch {batch}: {row['total_tok_s']:.1f} tok/s "
                   f"(predicted {row['predicted_total_tok_s']:.1f})", file=sys.stderr)
             if label == "alisa":
-                stats = RunStats(extras={})
-                last_report = runtime_sections(runs[-1]["extras"], result.policy, None, stats)
+                last_report = runtime_sections(runs[-1]["extras"], result.policy,
+                                               result.prediction, row["total_tok_s"])
                 extras = runs[-1]["extras"]
                 last_report["memory_per_step"] = kv_memory_per_step(
                     weights.spec, result.policy, prompt_len, gen_len, batch,

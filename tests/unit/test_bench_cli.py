@@ -67,3 +67,20 @@ def test_bench_missing_required_flag_is_usage_error(capsys):
         main(["bench", "--model", "opt-125m"])
     assert exc.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_bench_report_prices_a_policy_file(tiny_chat_model, capsys, tmp_path):
+    from tests.unit.test_cli_offload import offload_policy
+
+    offload_policy().save(tmp_path / "policy.json")
+    code, out, _ = bench(capsys, "--model", str(tiny_chat_model), "--prompt-len", "12",
+                         "--gen-len", "5", "--batch", "4", "--repeat", "1", "--policy",
+                         str(tmp_path / "policy.json"), "--hardware", "t4-16g",
+                         "--report", str(tmp_path))
+    assert code == 0
+    result = json.loads(out)
+    prediction = json.loads((tmp_path / "report.json").read_text())["prediction"]
+    assert prediction["predicted_total_tok_s"] == result["predicted_total_tok_s"] > 0
+    assert prediction["measured_total_tok_s"] == result["total_tok_s"] > 0
+    assert prediction["relative_error"] == pytest.approx(
+        result["predicted_total_tok_s"] / result["total_tok_s"] - 1)
