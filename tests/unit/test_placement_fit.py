@@ -136,3 +136,28 @@ def test_auto_policy_measures_the_machine_once_and_fits(tmp_path, monkeypatch, c
     assert report["runtime"]["runner"] == "offload"
     assert report["runtime"]["reserved_bytes"]["gpu"] <= budget
     assert len(out.read_text().splitlines()) == BATCH
+
+
+def test_a_budget_everything_fits_in_runs_the_engine(tiny_chat_model, tmp_path, capsys):
+    """`--gpu-mem` large enough for everything: the search puts it all on the device and the
+    job runs on the Engine, with the same tokens as a plain run and the policy and its
+    prediction in the report."""
+    cpu_profile(2**30).save(tmp_path / "hw.json")
+    inp = write_jsonl(tmp_path / "in.jsonl",
+                      [{"id": i, "prompt": f"Item {i} of the list is"} for i in range(5)])
+
+    def job(name, *extra):
+        out = tmp_path / name / "out.jsonl"
+        code = main(["generate", "--model", str(tiny_chat_model), "--input", str(inp),
+                     "--output", str(out), "--gen-len", "8", "--batch-size", "4",
+                     "--ignore-eos", *extra])
+        assert code == 0
+        return out
+
+    plain = job("plain")
+    fitted = job("fitted", "--gpu-mem", "1GiB", "--hardware", str(tmp_path / "hw.json"))
+    assert "running the all-on-device engine" in capsys.readouterr().err
+    assert fitted.read_text() == plain.read_text()
+    report = json.loads((fitted.parent / "report.json").read_text())
+    assert "runtime" not in report and report["policy"]["weights_gpu_share"] == 1.0
+    assert report["prediction"]["measured_total_tok_s"] > 0
