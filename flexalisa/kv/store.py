@@ -37,6 +37,8 @@ Per step, for one (layer, batch), the runner calls::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -63,6 +65,7 @@ class TieredKVStore:
         self.ranges = dict.fromkeys(Tier, TokenRange(0, 0))  # contiguous: recompute, cpu, gpu
         self.counters = KVCounters()
         self.version = 0  # bumped by every move; a fetch made before a move is stale
+        self._ahead: _WrittenAhead | None = None  # the step's token, written before its commit
 
     # ---- layout -------------------------------------------------------------------------
     @property
@@ -110,9 +113,13 @@ class TieredKVStore:
         num_new = self._check_append(k, v, hidden, tier)
         start, rng = self.num_tokens, self.ranges[tier]
         self._keep_hidden(start, num_new, hidden)
+        ahead, self._ahead = self._ahead, None
         if k is not None and v is not None and tier is not Tier.RECOMPUTE:
             ring = self.gpu if tier is Tier.GPU else self.cpu
-            moved = ring.write(start, k, v)
+            if ahead is not None and ahead.holds(ring, start, k, v):
+                moved = ring.bytes_per_slot * num_new  # already there: written ahead
+            else:
+                moved = ring.write(start, k, v)
             if tier is Tier.CPU:  # new K,V come from the device
                 self.counters.d2h_bytes += moved
         self.ranges[tier] = TokenRange(rng.start, start + num_new)
@@ -172,6 +179,7 @@ class TieredKVStore:
         if dst is Tier.RECOMPUTE and tokens.end > self.hidden.num_kept:
             raise ValueError(f"cannot drop {tokens}: hidden states kept only for slots "
                              f"[0, {self.hidden.num_kept})")
+        self._ahead = None  # a move may reuse ring indices; the next commit writes in full
         if dst is Tier.CPU:
             self._check_fits(Tier.CPU, len(dst_rng) + len(tokens))
             k_parts, v_parts = self.gpu.read_range(tokens.start, tokens.end)
@@ -242,7 +250,7 @@ class TieredKVStore:
         gpu = self.ranges[Tier.GPU]
         if gpu.start != 0 or gpu.end >= self.gpu.capacity or self.gpu.bits is not None:
             return None
-        return _views_ahead(self.gpu, gpu.end, k_new, v_new)
+        return self._views_ahead(self.gpu, gpu.end, k_new, v_new)
 
     def host_ready(self) -> bool:
         """Whether a step may attend the CPU tier in place (``host_dense_views``,
@@ -260,7 +268,7 @@ class TieredKVStore:
         writes the same values to if it places the token in the CPU tier."""
         if not self.host_ready():
             return None
-        return _views_ahead(self.cpu, self.num_tokens, k_new, v_new)
+        return self._views_ahead(self.cpu, self.num_tokens, k_new, v_new)
 
     def host_gather(self, indices: Tensor, k_new: Tensor,
                     v_new: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -272,7 +280,7 @@ class TieredKVStore:
         n, read it too)."""
         if not self.host_ready():
             return None
-        self.cpu.write(self.num_tokens, k_new, v_new)
+        self._write_ahead(self.cpu, self.num_tokens, k_new, v_new)
         return self.cpu.gather_slots(selection.expand_heads(self, indices).to("cpu"))
 
     # ---- checks ---------------------------------------------------------------------------
@@ -294,11 +302,36 @@ class TieredKVStore:
             raise RuntimeError(f"hidden kept for {self.hidden.num_kept} slots, expected "
                                f"{expected_kept}")
 
+    def _write_ahead(self, ring: KVRing, index: int, k_new: Tensor, v_new: Tensor) -> None:
+        """Write the step's own k, v (B, Hkv, 1, D) at the ring's free ``index`` before its
+        commit, and remember them: a commit that appends the same tensors there, unmodified,
+        then skips its copy (same values, same place) but still counts the bytes."""
+        ring.write(index, k_new, v_new)
+        self._ahead = _WrittenAhead(ring, index, _identity(k_new), _identity(v_new))
 
-def _views_ahead(ring: KVRing, num_stored: int, k_new: Tensor,
-                 v_new: Tensor) -> tuple[Tensor, Tensor]:
-    """Views (B, Hkv, n + 1, D) of slots [0, n) of an uncompressed ring holding them from
-    index 0, then the step's own k, v, written at index n ahead of its commit."""
-    ring.write(num_stored, k_new, v_new)
-    k_parts, v_parts = ring.range_views(0, num_stored + 1)
-    return k_parts[0], v_parts[0]
+    def _views_ahead(self, ring: KVRing, num_stored: int, k_new: Tensor,
+                     v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Views (B, Hkv, n + 1, D) of slots [0, n) of an uncompressed ring holding them from
+        index 0, then the step's own k, v, written at index n ahead of its commit."""
+        self._write_ahead(ring, num_stored, k_new, v_new)
+        k_parts, v_parts = ring.range_views(0, num_stored + 1)
+        return k_parts[0], v_parts[0]
+
+
+def _identity(t: Tensor) -> tuple:
+    """What makes two tensors hold the same values without comparing them: the same memory,
+    layout and dtype, and no in-place change since (the version counter views share)."""
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version)
+
+
+@dataclass(frozen=True)
+class _WrittenAhead:
+    ring: KVRing
+    index: int  # the ring's slot index written
+    k: tuple  # _identity of the k, v written
+    v: tuple
+
+    def holds(self, ring: KVRing, index: int, k: Tensor, v: Tensor) -> bool:
+        return (ring is self.ring and index == self.index and _identity(k) == self.k
+                and _identity(v) == self.v)
+

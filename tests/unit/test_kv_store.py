@@ -411,6 +411,63 @@ def test_host_dense_views_read_the_cpu_tier_in_place_only_when_it_holds_every_sl
     assert not compressed.host_ready()  # INT8 codes cannot be attended in place
 
 
+@pytest.mark.parametrize("tier", [Tier.GPU, Tier.CPU])
+def test_a_commit_skips_the_copy_of_a_token_written_ahead(tier, monkeypatch) -> None:
+    """The in-place reads write the step's own token at the ring's next index before its
+    commit; the commit of the same, unmodified tensors there does not copy them again but
+    counts the same bytes, and the ring holds the reference."""
+    batch, heads, num_tokens = 2, 2, 6
+    if tier is Tier.CPU:
+        _, store, hidden, k, v = all_in_cpu_tier(batch, heads, num_tokens, seed=8)
+        ahead = store.host_dense_views
+    else:
+        cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
+                            hidden_size=heads * 4, gpu_capacity_tokens=num_tokens + 2,
+                            cpu_capacity_tokens=4, hidden_capacity_tokens=0)
+        store = TieredKVStore(cfg, "cpu")
+        hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=8)
+        store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], None, Tier.GPU)
+        ahead = store.dense_views
+    ring = store.cpu if tier is Tier.CPU else store.gpu
+    writes = []
+    real_write = type(ring).write
+    monkeypatch.setattr(ring, "write", lambda *a: writes.append(a[0]) or real_write(ring, *a))
+
+    def commit(k_new, v_new):
+        d2h = store.counters.d2h_bytes
+        store.append(k_new, v_new, hidden[:, num_tokens:] if tier is Tier.CPU else None, tier)
+        return store.counters.d2h_bytes - d2h
+
+    k_new, v_new = k[:, :, num_tokens:].clone(), v[:, :, num_tokens:].clone()
+    ahead(k_new, v_new)
+    assert writes == [num_tokens]
+    moved = commit(k_new[:, :, :1], v_new[:, :, :1])  # a view of the same memory: skipped
+    assert writes == [num_tokens]
+    assert moved == (ring.bytes_per_slot if tier is Tier.CPU else 0)
+    assert torch.equal(ring.k_parts[0][:, :, :num_tokens + 1], k)
+    assert torch.equal(ring.v_parts[0][:, :, :num_tokens + 1], v)
+    store.check_integrity()
+
+
+def test_a_changed_or_other_tensor_is_committed_in_full() -> None:
+    """What the commit cannot prove equal to the token written ahead is written again: the
+    same tensor changed in place since, another tensor, or anything after a move."""
+    batch, heads, num_tokens = 2, 2, 6
+    for change in ("in_place", "other_tensor", "after_move"):
+        _, store, hidden, k, v = all_in_cpu_tier(batch, heads, num_tokens, seed=9)
+        k_new, v_new = k[:, :, num_tokens:].clone(), v[:, :, num_tokens:].clone()
+        store.host_dense_views(k_new, v_new)
+        if change == "in_place":
+            k_new.add_(1.0)
+        elif change == "other_tensor":
+            k_new = k_new + 1.0  # a new tensor, new values
+        else:
+            store.move(TokenRange(0, 1), Tier.CPU, Tier.RECOMPUTE)
+        store.append(k_new, v_new, hidden[:, num_tokens:], Tier.CPU)
+        assert torch.equal(store.cpu.k_parts[0][:, :, num_tokens:num_tokens + 1], k_new), change
+        assert torch.equal(store.cpu.v_parts[0][:, :, num_tokens:num_tokens + 1], v_new), change
+
+
 def test_host_gather_reads_a_sparse_selection_from_the_cpu_ring_in_place() -> None:
     """CPU-delegated sparse attention over a CPU tier holding every slot: the fetch copies
     nothing and records the selection; ``host_gather`` writes the new token at the ring's next
