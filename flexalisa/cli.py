@@ -22,12 +22,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="HF checkpoint dir or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--input", required=True, type=Path, help="prompts JSONL: {id, prompt, ...}")
     p.add_argument("--output", required=True, type=Path, help="results JSONL (appended; resumes)")
-    p.add_argument("--gen-len", type=int, default=64, help="max new tokens per prompt")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gen-len", type=int, default=64,
+                   help="max new tokens per prompt, unless a line sets max_new_tokens "
+                        "(default: 64)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per batch (default: 16; a policy's own batch wins)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each row's sample depends on (seed, id) (default: 0)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --gen-len tokens")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the model's chat template (instruct models)")
