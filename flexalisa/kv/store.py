@@ -307,7 +307,8 @@ class TieredKVStore:
         commit, and remember them: a commit that appends the same tensors there, unmodified,
         then skips its copy (same values, same place) but still counts the bytes."""
         ring.write(index, k_new, v_new)
-        self._ahead = _WrittenAhead(ring, index, _identity(k_new), _identity(v_new))
+        self._ahead = _WrittenAhead(ring, index, (k_new, v_new), _identity(k_new),
+                                    _identity(v_new))
 
     def _views_ahead(self, ring: KVRing, num_stored: int, k_new: Tensor,
                      v_new: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,7 +329,8 @@ def _identity(t: Tensor) -> tuple:
 class _WrittenAhead:
     ring: KVRing
     index: int  # the ring's slot index written
-    k: tuple  # _identity of the k, v written
+    alive: tuple[Tensor, Tensor]  # the k, v written, held so that no other tensor reuses
+    k: tuple  # their memory before the commit; then _identity of each
     v: tuple
 
     def holds(self, ring: KVRing, index: int, k: Tensor, v: Tensor) -> bool:
