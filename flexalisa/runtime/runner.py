@@ -24,6 +24,7 @@ otherwise; ``copy_threads`` forces one or the other (see ``flexalisa.runtime.dev
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,12 +81,17 @@ class OffloadRunner:
             self.gpu_mem_bytes = torch.cuda.mem_get_info(self.device.torch_device)[0]
         self.cpu_mem_bytes = _bytes(cpu_mem_bytes)
         self.method = make_method(policy.sparsity_method, policy.sparsity)
-        layout = WeightLayout.from_share(policy.weights_gpu_share, self.spec.num_layers,
-                                         policy.weight_compression == "int4")
-        self.weights = WeightStore(weights, layout, self.device, self.dtype,
-                                   recompute=policy.kv_recompute_share > 0)
         self.timing, self.check_integrity = timing, check_integrity
         self._ops: dict[tuple[BlockShape, bool], list[BlockOp]] = {}
+
+    @functools.cached_property
+    def weights(self) -> WeightStore:
+        """The weights placed by the policy, built at first use: a runner that only ``plan``s
+        (a search's candidate) packs and copies nothing."""
+        layout = WeightLayout.from_share(self.policy.weights_gpu_share, self.spec.num_layers,
+                                         self.policy.weight_compression == "int4")
+        return WeightStore(self.weights_in, layout, self.device, self.dtype,
+                           recompute=self.policy.kv_recompute_share > 0)
 
     def close(self) -> None:
         self.device.close()
