@@ -342,17 +342,26 @@ def test_cuda_store_matches_reference(compression: str) -> None:
     assert (v_sel - want_v).abs().max().item() <= bound(want_v)
 
 
+def all_in_gpu_tier(batch: int, heads: int, num_tokens: int, free: int, seed: int
+                    ) -> tuple[TieredKVStore, Tensor, Tensor, Tensor]:
+    """A store holding reference slots [0, num_tokens) in its GPU tier, whose ring has ``free``
+    indices after them; and the reference hidden, K, V of num_tokens + 1 slots (the last: the
+    step's own token)."""
+    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
+                        hidden_size=heads * 4, gpu_capacity_tokens=num_tokens + free,
+                        cpu_capacity_tokens=4, hidden_capacity_tokens=0)
+    store = TieredKVStore(cfg, "cpu")
+    hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=seed)
+    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], None, Tier.GPU)
+    return store, hidden, k, v
+
+
 def test_dense_views_read_the_gpu_ring_in_place_only_when_it_holds_every_slot() -> None:
     """All slots in the GPU tier with a free ring index after them: the new token is written
     there and K, V come back as views (no copy) equal to the reference with the new token
     last; its commit then leaves the same values. Otherwise None (read by fetch/gather)."""
     batch, heads, num_tokens = 2, 2, 6
-    cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
-                        hidden_size=heads * 4, gpu_capacity_tokens=num_tokens + 1,
-                        cpu_capacity_tokens=4, hidden_capacity_tokens=0)
-    store = TieredKVStore(cfg, "cpu")
-    _, k, v = make_reference(batch, heads, num_tokens + 1, seed=3)
-    store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], None, Tier.GPU)
+    store, _, k, v = all_in_gpu_tier(batch, heads, num_tokens, free=1, seed=3)
     k_new, v_new = k[:, :, num_tokens:], v[:, :, num_tokens:]
     k_view, v_view = store.dense_views(k_new, v_new)
     assert torch.equal(k_view, k) and torch.equal(v_view, v)
@@ -421,12 +430,7 @@ def test_a_commit_skips_the_copy_of_a_token_written_ahead(tier, monkeypatch) -> 
         _, store, hidden, k, v = all_in_cpu_tier(batch, heads, num_tokens, seed=8)
         ahead = store.host_dense_views
     else:
-        cfg = KVStoreConfig(batch_size=batch, num_kv_heads=heads, head_dim=4,
-                            hidden_size=heads * 4, gpu_capacity_tokens=num_tokens + 2,
-                            cpu_capacity_tokens=4, hidden_capacity_tokens=0)
-        store = TieredKVStore(cfg, "cpu")
-        hidden, k, v = make_reference(batch, heads, num_tokens + 1, seed=8)
-        store.append(k[:, :, :num_tokens], v[:, :, :num_tokens], None, Tier.GPU)
+        store, hidden, k, v = all_in_gpu_tier(batch, heads, num_tokens, free=2, seed=8)
         ahead = store.dense_views
     ring = store.cpu if tier is Tier.CPU else store.gpu
     writes = []
