@@ -50,7 +50,7 @@ def _step_time(problem: pulp.LpProblem, name: str, cost: StepCost, hw: HardwareP
     first = _epigraph(problem, f"{name}_first", cost.iteration_lanes(hw, overlap, True), variables)
     other = _epigraph(problem, f"{name}_other", cost.iteration_lanes(hw, overlap, False),
                       variables)
-    head = _epigraph(problem, f"{name}_head", cost.head_lanes(hw, overlap), variables)
+    head = _epigraph(problem, f"{name}_head", cost.head_lanes(), variables)
     return cost.num_layers * (first + (cost.num_gpu_batches - 1) * other) + head
 
 
@@ -103,7 +103,7 @@ def _step_lower_bound(cost: StepCost, hw: HardwareProfile, overlap: bool) -> flo
     first = worst(cost.iteration_lanes(hw, overlap, True))
     other = worst(cost.iteration_lanes(hw, overlap, False))
     return cost.num_layers * (first + (cost.num_gpu_batches - 1) * other) + worst(
-        cost.head_lanes(hw, overlap))
+        cost.head_lanes())
 
 
 def time_lower_bound(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs,

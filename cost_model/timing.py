@@ -114,7 +114,7 @@ class StepCost:
         host_mem = self.cpu_s + (h2d_bytes + self.d2h_bytes) / hw.cpu_mem_bytes_per_s
         return [*shared_lanes(self.gpu_s + self.cpu_s, [h2d, d2h], hw.copy_overlap), host_mem]
 
-    def head_lanes(self, hw: HardwareProfile, overlap: bool) -> list[Affine]:
+    def head_lanes(self) -> list[Affine]:
         """The lm_head's compute: nothing is loaded for it (see ``_head``)."""
         return [Affine(self.head_gpu_s)]
 
@@ -279,7 +279,7 @@ def step_time(cost: StepCost, hw: HardwareProfile, overlap: bool,
 
     first = worst(cost.iteration_lanes(hw, overlap, first=True))
     other = worst(cost.iteration_lanes(hw, overlap, first=False))
-    head = worst(cost.head_lanes(hw, overlap))
+    head = worst(cost.head_lanes())
     return cost.num_layers * (first + (cost.num_gpu_batches - 1) * other) + head
 
 
