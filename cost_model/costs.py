@@ -114,18 +114,43 @@ def head_flops(spec: ModelSpec, rows: float) -> float:
     return 2.0 * rows * spec.vocab_size * spec.embed_dim
 
 
+PREFILL_CHUNK_TOKENS = 1024  # the offloading runtime prefills a GPU batch's rows in chunks of
+# about this many tokens (at least one row): on the CPU stand-in the chunk's MLP intermediates
+# stay in the L3 cache, and on a GPU the scratch no longer grows with the GPU batch
+
+
+def seeds_from_prefill(method: str, sparsity: float) -> bool:
+    """Whether ``method`` seeds its scores from the prefill's attention weights (the runtime's
+    ``method.needs_scores``): SWA and H2O, unless the sparsity leaves nothing out."""
+    return method in ("swa", "h2o") and sparsity > 0
+
+
+def prefill_chunk_rows(batch: int, prompt_len: int) -> int:
+    """Sequences per prefill chunk of a GPU batch of ``batch`` sequences (1..batch)."""
+    return max(1, min(batch, PREFILL_CHUNK_TOKENS // max(1, prompt_len)))
+
+
 def working_set_bytes(spec: ModelSpec, batch: int, prompt_len: int, kv_tokens: float,
-                      dtype_bytes: int) -> float:
+                      dtype_bytes: int, scored: bool = False) -> float:
     """Device scratch the runtime reserves for one GPU batch besides weights, KV and activations.
 
-    The larger of one layer's prefill (every projection output at once: Q, K, V, twice the MLP
-    width, three hidden-sized buffers, and the fp32 ``(B, nh, s, s)`` attention scores) and a
-    decode step's gathered K, V of ``kv_tokens`` per sequence (the gathered copy and its
-    scratch), plus the batch's fp32 logits. ``flexalisa.runtime.budget`` checks budgets with
-    this same sum, so the search and the runtime agree on it.
+    The larger of one layer's prefill and a decode step's gathered K, V of ``kv_tokens`` per
+    sequence (the gathered copy and its scratch), plus the batch's fp32 logits. The prefill runs
+    ``prefill_chunk_rows`` sequences at a time: per chunk every projection output at once (Q,
+    K, V, twice the MLP width, three hidden-sized buffers) and the fp32 ``(b, nh, s, s)``
+    attention scores; when there is more than one chunk, the whole batch's K, V and its layer
+    input and output, which the chunks are written into. ``scored``: the sparsity method seeds
+    its scores from the prefill's attention weights (SWA, H2O), which the chunks collect for
+    the whole batch, bounded here by every query row's. ``flexalisa.runtime.budget`` checks
+    budgets with this same sum, so the search and the runtime agree on it.
     """
-    rows = batch * prompt_len
+    rows = prefill_chunk_rows(batch, prompt_len)
     width = spec.q_dim + 2 * spec.kv_dim + 2 * spec.ffn_size + 3 * spec.hidden_size
-    prefill = rows * width * dtype_bytes + batch * spec.num_heads * prompt_len**2 * 4
+    scores = spec.num_heads * prompt_len**2 * 4  # one sequence's fp32 attention scores
+    prefill = rows * (prompt_len * width * dtype_bytes + scores)
+    if rows < batch:  # the whole batch's K, V, layer input and output
+        prefill += batch * prompt_len * (2 * spec.kv_dim + 2 * spec.hidden_size) * dtype_bytes
+    if scored:
+        prefill += batch * scores
     gathered = 2 * batch * kv_tokens * spec.kv_numel_per_token * dtype_bytes
     return max(prefill, gathered) + batch * spec.vocab_size * 4

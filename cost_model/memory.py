@@ -4,7 +4,7 @@ Home placement plus working buffers::
 
     GPU = G + wg*W + (1-α-β)*KV(n) + hg*A + 2*(1-wg)*W_layer   (double-buffered streamed layers;
                                                              2*W_layer, dequantized, with INT4)
-          + max(prefill scratch, gathered selection x2) + logits  (costs.working_set_bytes)
+          + max(chunked prefill scratch, gathered selection x2) + logits  (costs.working_set_bytes)
     CPU = (1-wg)*W + α*KV(n) + β*H(n) + (1-hg)*A + delegated-attention upcast buffers
 
 with W the decoder layers' weights, G the globals as the runtime holds them (embeddings, final
@@ -53,7 +53,9 @@ def globals_device_bytes(spec: ModelSpec, hw: HardwareProfile) -> float:
 def _gpu_working(spec: ModelSpec, knobs: Knobs, workload: Workload, num_tokens: int,
                  dt: int) -> float:
     sel = costs.selected_tokens(num_tokens, knobs.sparsity_method, knobs.sparsity)
-    return costs.working_set_bytes(spec, knobs.gpu_batch_size, workload.prompt_len, sel, dt)
+    scored = costs.seeds_from_prefill(knobs.sparsity_method, knobs.sparsity)
+    return costs.working_set_bytes(spec, knobs.gpu_batch_size, workload.prompt_len, sel, dt,
+                                   scored=scored)
 
 
 def _working_layers(spec: ModelSpec, knobs: Knobs, dt: int) -> Affine:

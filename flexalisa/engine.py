@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cost_model.costs import prefill_chunk_rows
 from flexalisa.attention import (
     MethodState,
     SparsityMethod,
@@ -33,7 +34,6 @@ from flexalisa.models.weights import ModelWeights
 from flexalisa.sampling import SamplingParams, row_generators, sample
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
-PREFILL_CHUNK_TOKENS = 1024  # CPU dense prefill: rows per chunk so a chunk has about this many
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -148,10 +148,11 @@ class Engine:
         batch, length = ids.shape
         per_row = self.spec.num_heads * length * length * 4
         chunk = max(1, PREFILL_SCORE_BYTES // per_row) if state is None else batch
-        if state is None and self.device.type == "cpu":
-            # ~1024 tokens per chunk keep the MLP intermediates in the L3 cache, which ran the
+        if state is None:
+            # the offloading runtime's chunks (~1024 tokens), whose working set the cost model
+            # counts; on the CPU they keep the MLP intermediates in the L3 cache, which ran the
             # SmolLM2 prefill at batch 32 x 128 faster here than one 4096-token pass
-            chunk = min(chunk, max(1, PREFILL_CHUNK_TOKENS // length))
+            chunk = min(chunk, prefill_chunk_rows(batch, length))
         out = [self._prefill_rows(cache, ids[r:r + chunk], valid[r:r + chunk],
                                   slice(r, r + chunk), last_only=True, state=state)
                for r in range(0, batch, chunk)]

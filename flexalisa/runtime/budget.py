@@ -4,8 +4,8 @@ For one block shape (``gpu_batch_size`` rows per GPU batch, ``num_gpu_batches``,
 length ``T``, ``N`` generation steps), over ``L`` layers::
 
     device = globals + resident layers + 2 working layers (if any is streamed/compressed)
-             + device-placed activations + the compute working set (prefill scratch or the
-               gathered selection, plus logits)
+             + device-placed activations + the compute working set (the chunked prefill's
+               scratch or the gathered selection, plus logits)
              + GPU-tier KV: gpu_capacity_tokens x (L x num_gpu_batches) stores
     host   = streamed layers + host-placed activations
              + CPU-tier KV (cpu_capacity_tokens per store) + kept hidden states (recompute tier)
@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cost_model.costs import working_set_bytes
+from cost_model.costs import seeds_from_prefill, working_set_bytes
 from cost_model.units import format_bytes
 from flexalisa.errors import BudgetError
 from flexalisa.kv import KVStoreConfig
@@ -86,7 +86,9 @@ def fixed_bytes(weights: ModelWeights, policy: Policy, shape: BlockShapeInfo,
     act_gpu = int(round(policy.act_gpu_share * shape.num_gpu_batches))
     gpu += act_gpu * act
     cpu += (shape.num_gpu_batches - act_gpu) * act
-    gpu += int(working_set_bytes(spec, batch, length, length + shape.num_steps, elt))
+    gpu += int(working_set_bytes(spec, batch, length, length + shape.num_steps, elt,
+                                 scored=seeds_from_prefill(policy.sparsity_method,
+                                                           policy.sparsity)))
     return gpu, cpu
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cost_model.costs import prefill_chunk_rows
 from flexalisa.kv import TieredKVStore
 from flexalisa.runtime.batch import BatchState, take_tokens
 from flexalisa.runtime.budget import BlockMemory
@@ -196,7 +197,8 @@ class BlockLoop:
 
     def _layer_input(self, step_idx: int, layer_idx: int, batch_idx: int
                      ) -> tuple[Tensor, Any]:
-        """The layer input (B, T|1, H) and the step's prepared positions."""
+        """The layer input (B, T|1, H) and the step's prepared positions: for the prefill,
+        the ``PrefillChunks`` its rows run in."""
         spec, fam = self.ctx.spec, self.ctx.fam
         batch = self.batches[batch_idx]
         x = self.inputs.pop((layer_idx, batch_idx))
@@ -212,12 +214,17 @@ class BlockLoop:
             # a padding query sees only itself, so no row is fully masked (as the Engine)
             batch.cache["mask"] = (causal[None] & valid[:, None, :]) | eye[None]  # (B, T, T)
             ids = batch.prompt_ids
+            rows = prefill_chunk_rows(valid.shape[0], length)
+            pos: Any = [(slice(r, r + rows),
+                         fam.prepare_positions(spec, positions[r:r + rows], self.ctx.dtype))
+                        for r in range(0, valid.shape[0], rows)]
         else:
             positions, ids = batch.positions[:, None], batch.ids[:, None]  # (B, 1)
+            pos = fam.prepare_positions(spec, positions, self.ctx.dtype)
         with self.ctx.times.section("linear"):
             x = fam.embed(spec, self.weights.globals, ids, positions)
-        batch.cache["pos"] = fam.prepare_positions(spec, positions, self.ctx.dtype)
-        return x, batch.cache["pos"]
+        batch.cache["pos"] = pos
+        return x, pos
 
     def _sample(self, step_idx: int, batch: BatchState, out: Tensor) -> None:
         spec, s = self.ctx.spec, self.sampler

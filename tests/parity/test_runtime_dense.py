@@ -10,7 +10,7 @@ import torch
 
 from flexalisa.engine import Engine, KVCache, left_pad
 from flexalisa.models import load_model
-from flexalisa.runtime import OffloadRunner
+from flexalisa.runtime import OffloadRunner, compute
 from policy.policy import Policy
 from tests.conftest import make_prompts
 
@@ -165,3 +165,26 @@ def test_smollm2_dense_parity(smollm_run, placement, num_gpu_batches, overlap, c
                           tol=MERGED_SMOLLM_LOGIT_TOL if cpu_attention and PLACEMENTS[
                               placement][1][0] else LOGIT_TOL)
     assert extras["max_live_streamed_layers"] == (2 if streamed else 0)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("placement,num_gpu_batches",
+                         [("all_on_device", 1), ("weights_half_cpu", 1), ("kv_30_50_20", 3)])
+def test_tiny_dense_parity_with_a_chunked_prefill(tiny_runs, kind, placement, num_gpu_batches,
+                                                  monkeypatch):
+    """With chunks of two rows (the last of a 5-row GPU batch has one), the runner's prefill
+    writes each chunk's K, V and outputs into whole-batch tensors: the same tokens and logits
+    as the Engine."""
+    weights, prompts, reference = tiny_runs[kind]
+    length = max(len(p) for p in prompts)
+    policy = make_policy(placement, num_gpu_batches, True, False,
+                         gpu_batch_size=5 if num_gpu_batches == 1 else 2)
+    monkeypatch.setattr("cost_model.costs.PREFILL_CHUNK_TOKENS", 2 * length)
+    chunks = []
+    real_prefill_rows = compute._prefill_rows
+    monkeypatch.setattr(compute, "_prefill_rows",
+                        lambda ctx, w, x, *a: chunks.append(x.shape[0]) or real_prefill_rows(
+                            ctx, w, x, *a))
+    check_parity(weights, policy, prompts, reference)
+    layers = weights.spec.num_layers
+    assert chunks == ([2, 2, 1] * layers if num_gpu_batches == 1 else [2] * (3 * layers))

@@ -132,3 +132,26 @@ def test_int8_kv_logit_error_is_measured_and_bounded(tiny_weights, kind, capsys)
     int8_err = report["int8"][0]
     assert 0 < int8_err <= INT8_LOGIT_TOL  # lossy, but only slightly
     assert report["int8"][0] <= report["int4"][0] + 1e-6  # more bits, no more error
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("method_name,sparsity", [("swa", 0.5), ("h2o", 0.6)])
+def test_sparse_chunked_prefill_matches_the_one_pass_engine(tiny_weights, kind, method_name,
+                                                            sparsity, monkeypatch):
+    """The runner prefills its 6-row GPU batch four rows at a time (four and two) and seeds
+    the method's scores once per layer from the chunks' attention weights; the Engine seeds
+    from every row at once. The same tokens, through all three phases."""
+    weights = tiny_weights[kind]
+    prompts = make_prompts(6, 24, seed=5)
+    length = max(len(p) for p in prompts)
+    want = Engine(weights, method=make_method(method_name, sparsity)).generate(
+        prompts, NEW_TOKENS, ignore_eos=True)
+    monkeypatch.setattr("cost_model.costs.PREFILL_CHUNK_TOKENS", 4 * length)
+    policy = make_policy("kv_30_50_20", 1, True, False, gpu_batch_size=6,
+                         sparsity_method=method_name, sparsity=sparsity,
+                         phase2_start_step=PHASE2, phase3_start_step=PHASE3)
+    runner = OffloadRunner(weights, policy, check_integrity=True)
+    got = runner.generate(prompts, NEW_TOKENS, ignore_eos=True)
+    runner.close()
+    assert got.tokens == want.tokens
+    assert got.extras["tokens_recomputed"] > 0

@@ -62,6 +62,31 @@ def test_hand_computed_counts():
     assert sum(k * n for k, n in costs.layer_gemm_shapes(spec)) == costs.linear_numel(spec)
 
 
+def test_working_set_by_hand_one_chunk_and_several():
+    spec = make_spec()  # q 64, kv 16, ffn 128, hidden 64, 4 heads
+    width = 64 + 2 * 16 + 2 * 128 + 3 * 64  # per token of a chunk: 544 elements
+    logits = 2 * 100 * 4
+    # 2 sequences of 8 tokens: one chunk, the whole batch at once (no batch-wide buffers)
+    assert costs.prefill_chunk_rows(2, 8) == 2
+    one = 2 * (8 * width * 2 + 4 * 8 * 8 * 4)
+    assert costs.working_set_bytes(spec, 2, 8, 0, 2) == one + logits
+    # 3 sequences of 512 tokens: chunks of 2 rows, plus the batch's K, V, input and output
+    assert costs.prefill_chunk_rows(3, 512) == 2
+    chunk = 2 * (512 * width * 2 + 4 * 512 * 512 * 4)
+    whole = 3 * 512 * (2 * 16 + 2 * 64) * 2
+    assert costs.working_set_bytes(spec, 3, 512, 0, 2) == chunk + whole + 3 * 100 * 4
+    # a scoring method keeps every sequence's prefill attention weights (bounded by all rows)
+    assert costs.working_set_bytes(spec, 3, 512, 0, 2, scored=True) == (
+        chunk + whole + 3 * 4 * 512 * 512 * 4 + 3 * 100 * 4)
+    assert costs.seeds_from_prefill("swa", 0.5) and costs.seeds_from_prefill("h2o", 0.1)
+    assert not costs.seeds_from_prefill("swa", 0.0) and not costs.seeds_from_prefill("local", 0.5)
+    # a long decode selection outweighs the prefill
+    gathered = 2 * 3 * 100_000 * 32 * 2
+    assert costs.working_set_bytes(spec, 3, 512, 100_000, 2) == gathered + 3 * 100 * 4
+    # prompts longer than a chunk run one row at a time
+    assert costs.prefill_chunk_rows(5, 4096) == 1
+
+
 def test_selected_tokens_budget():
     assert costs.selected_tokens(100, "dense", 0.0) == 100
     assert costs.selected_tokens(100, "swa", 0.8) == pytest.approx(20)
