@@ -15,15 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cost_model.costs import prefill_chunk_rows
 from flexalisa.attention import (
     MethodState,
     SparsityMethod,
-    attention_probs,
     attention_with_probs,
+    dense_attention,
     gather_kv,
 )
 from flexalisa.cache import KVCache
@@ -31,30 +30,10 @@ from flexalisa.errors import FlexalisaError
 from flexalisa.models.family import family_of
 from flexalisa.models.linear import can_pack, pack_weights
 from flexalisa.models.weights import ModelWeights
+from flexalisa.prefill import prefill_chunks, prefill_layer, prefill_mask
 from flexalisa.sampling import SamplingParams, row_generators, sample
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
-
-
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Exact attention through torch's fused SDPA (no scores materialised), GQA included.
-
-    q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (B, T, S) bool with no fully masked row.
-    Used where no attention weights or log-sum-exp are needed (dense prefill and decode).
-
-    A one-query step (T = 1) folds the G = Hq / Hkv query heads that share a KV head into
-    SDPA's query-row dimension, q (B, Hkv, G, D), under the one mask they share: each KV head's
-    keys are then read once per sequence rather than once per query head. SmolLM2's 30 decode
-    attentions at batch 32 took ~20 ms instead of ~25 ms here.
-    """
-    batch, num_heads, num_q, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    if num_q == 1 and num_heads != num_kv_heads:
-        folded = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask[:, None])
-        return out.view(batch, num_heads, 1, head_dim)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                          enable_gqa=num_heads != num_kv_heads)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,49 +121,60 @@ class Engine:
                 state: MethodState | None = None) -> Tensor:
         """Fill slots [0, T) of `cache`; returns the last position's logits (B, V).
 
-        With a scoring method, the prompt's attention weights seed `state` (all rows at once).
+        With a method `state`, the prompt's attention weights seed it, every row of a layer at
+        once (`_prefill_by_layer`).
         """
         ids, valid = ids.to(self.device), valid.to(self.device)
-        batch, length = ids.shape
-        per_row = self.spec.num_heads * length * length * 4
-        chunk = max(1, PREFILL_SCORE_BYTES // per_row) if state is None else batch
-        if state is None:
+        if state is not None:
+            logits = self._prefill_by_layer(cache, ids, valid, state)
+        else:
+            batch, length = ids.shape
+            per_row = self.spec.num_heads * length * length * 4
             # the offloading runtime's chunks (~1024 tokens), whose working set the cost model
             # counts; on the CPU they keep the MLP intermediates in the L3 cache, which ran the
             # SmolLM2 prefill at batch 32 x 128 faster here than one 4096-token pass
-            chunk = min(chunk, prefill_chunk_rows(batch, length))
-        out = [self._prefill_rows(cache, ids[r:r + chunk], valid[r:r + chunk],
-                                  slice(r, r + chunk), last_only=True, state=state)
-               for r in range(0, batch, chunk)]
-        cache.valid[:, :length] = valid
-        cache.length = length
-        return torch.cat(out)[:, -1]
+            chunk = min(max(1, PREFILL_SCORE_BYTES // per_row), prefill_chunk_rows(batch, length))
+            logits = torch.cat([self._prefill_rows(cache, ids[r:r + chunk], valid[r:r + chunk],
+                                                   slice(r, r + chunk), last_only=True)
+                                for r in range(0, batch, chunk)])
+        cache.valid[:, :ids.shape[1]] = valid
+        cache.length = ids.shape[1]
+        return logits[:, -1]
 
     def _prefill_rows(self, cache: KVCache, ids: Tensor, valid: Tensor, rows: slice,
-                      last_only: bool, state: MethodState | None = None) -> Tensor:
+                      last_only: bool) -> Tensor:
+        """Every layer for these rows, one after another (no method state)."""
         spec, fam, w = self.spec, self.fam, self.weights
-        length = ids.shape[1]
         positions = positions_of(valid)
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        mask = causal[None] & valid[:, None, :]  # (b, T, T)
-        # a padding query sees only itself, so no row is fully masked (its output is unused)
-        mask = mask | torch.eye(length, dtype=torch.bool, device=self.device)[None]
+        mask = prefill_mask(valid)  # (b, T, T)
         x = fam.embed(spec, w.globals, ids, positions)  # (b, T, H)
         pos = fam.prepare_positions(spec, positions, self.dtype)
         last_layer = len(w.layers) - 1
         for layer_idx, lw in enumerate(w.layers):
             q, k, v = fam.qkv(spec, lw, x, pos)
             cache.write(layer_idx, 0, k, v, rows)
-            if state is not None and self.method.needs_scores:
-                rows_read = self.method.prefill_query_rows(state, length)
-                probs = attention_probs(q[:, :, -rows_read:], k, mask[:, -rows_read:])
-                self.method.observe_prefill(state, layer_idx, probs, valid)  # (B, Hq, n, T)
             if last_only and layer_idx == last_layer:
                 # only the last position feeds the logits: the final layer's attention output,
                 # o-proj and MLP are computed for it alone (its K, V are already cached)
                 q, x, mask = q[:, :, -1:], x[:, -1:], mask[:, -1:]
             attn = dense_attention(q, k, v, mask)
             x = fam.finish_layer(spec, lw, x, attn)
+        return fam.logits(spec, w.globals, x)
+
+    def _prefill_by_layer(self, cache: KVCache, ids: Tensor, valid: Tensor,
+                          state: MethodState) -> Tensor:
+        """Layer by layer over all rows, each layer in the offloading runtime's row chunks
+        (`flexalisa.prefill`), so that the method observes a layer's prompt attention for every
+        row at once and the working set is the runtime's. Logits (B, 1, V)."""
+        spec, fam, w = self.spec, self.fam, self.weights
+        positions = positions_of(valid)
+        mask = prefill_mask(valid)  # (B, T, T)
+        chunks = prefill_chunks(spec, fam, positions, self.dtype)
+        x = fam.embed(spec, w.globals, ids, positions)  # (B, T, H)
+        for layer_idx, lw in enumerate(w.layers):
+            x, k, v = prefill_layer(spec, fam, self.method, lw, x, chunks, mask, valid, state,
+                                    layer_idx)
+            cache.write(layer_idx, 0, k, v)
         return fam.logits(spec, w.globals, x)
 
     def decode_step(self, cache: KVCache, ids: Tensor, positions: Tensor,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cost_model import HardwareProfile, format_bytes, parse_bytes
-from cost_model.costs import layer_weight_bytes, prefill_chunk_rows, seeds_from_prefill
+from cost_model.costs import layer_weight_bytes
 from cost_model.spec import ModelSpec
 from flexalisa.errors import BudgetError, FlexalisaError
 from policy import Policy, Prediction, predict
@@ -111,7 +111,7 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
     note = (f" (searched as if the device had {format_bytes(searched_bytes)}, so that the "
             f"runtime's own plan fits)" if gpu is not None and searched_bytes < gpu else "")
     print(f"auto-policy: {result.policy.describe()}{note}", file=sys.stderr)
-    if all_on_device(result.policy, work.prompt_len):  # nothing to offload: the engine is faster
+    if all_on_device(result.policy):  # nothing to offload: the engine runs it faster
         runner.close()
         print("auto-policy: everything fits on the device; running the all-on-device engine",
               file=sys.stderr)
@@ -119,20 +119,14 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
     return runner, result.policy, result.prediction
 
 
-def all_on_device(policy: Policy, prompt_len: int) -> bool:
-    """Whether ``policy`` keeps every weight, activation and KV entry on the device, uncompressed,
-    and the Engine's prefill stays within the runtime's working set: the runner would then only
-    add its bookkeeping to what the Engine does (21% slower at SmolLM2 batch 32 on this
-    project's CPU box). Its memory plan has been checked by then. The Engine prefills in row
-    chunks as the runtime does, except when a sparsity method seeds its scores from the prefill
-    (it then runs every row at once), so such a policy stays on the runner unless its batch is
-    one chunk."""
-    batch = policy.gpu_batch_size * policy.num_gpu_batches
-    one_pass_ok = (not seeds_from_prefill(policy.sparsity_method, policy.sparsity)
-                   or prefill_chunk_rows(batch, prompt_len) >= batch)
+def all_on_device(policy: Policy) -> bool:
+    """Whether ``policy`` keeps every weight, activation and KV entry on the device, uncompressed:
+    the runner would then only add its bookkeeping to what the Engine does (21% slower at
+    SmolLM2 batch 32 on this project's CPU box). Its memory plan has been checked by then; the
+    Engine prefills in chunks of the runtime's ~1024 tokens, so its prefill scratch is about the
+    planned one (its chunks may span GPU batches when num_gpu_batches > 1)."""
     return (policy.weights_gpu_share == 1.0 and policy.act_gpu_share == 1.0
-            and policy.kv_gpu_share == 1.0 and policy.weight_compression == "none"
-            and one_pass_ok)
+            and policy.kv_gpu_share == 1.0 and policy.weight_compression == "none")
 
 
 def _check_sparsity(method, policy: Policy) -> None:

@@ -3,6 +3,7 @@
 from flexalisa.attention.kernel import (
     attention_probs,
     attention_with_probs,
+    dense_attention,
     gather_kv,
     merge,
     partial_attention,
@@ -18,6 +19,7 @@ __all__ = [
     "SparsityMethod",
     "attention_probs",
     "attention_with_probs",
+    "dense_attention",
     "gather_kv",
     "make_method",
     "merge",

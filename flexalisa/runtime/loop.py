@@ -24,11 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from cost_model.costs import prefill_chunk_rows
 from flexalisa.kv import TieredKVStore
+from flexalisa.prefill import prefill_chunks, prefill_mask
 from flexalisa.runtime.batch import BatchState, take_tokens
 from flexalisa.runtime.budget import BlockMemory
 from flexalisa.runtime.compute import (
@@ -198,7 +197,7 @@ class BlockLoop:
     def _layer_input(self, step_idx: int, layer_idx: int, batch_idx: int
                      ) -> tuple[Tensor, Any]:
         """The layer input (B, T|1, H) and the step's prepared positions: for the prefill,
-        the ``PrefillChunks`` its rows run in."""
+        the row chunks it runs in, each with its own (``flexalisa.prefill``)."""
         spec, fam = self.ctx.spec, self.ctx.fam
         batch = self.batches[batch_idx]
         x = self.inputs.pop((layer_idx, batch_idx))
@@ -209,15 +208,9 @@ class BlockLoop:
             length = batch.prompt_len
             valid = batch.valid[:, :length]
             positions = valid.long().cumsum(1) - 1  # (B, T), -1 on left padding
-            causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
-            eye = torch.eye(length, dtype=torch.bool, device=valid.device)
-            # a padding query sees only itself, so no row is fully masked (as the Engine)
-            batch.cache["mask"] = (causal[None] & valid[:, None, :]) | eye[None]  # (B, T, T)
+            batch.cache["mask"] = prefill_mask(valid)  # (B, T, T)
             ids = batch.prompt_ids
-            rows = prefill_chunk_rows(valid.shape[0], length)
-            pos: Any = [(slice(r, r + rows),
-                         fam.prepare_positions(spec, positions[r:r + rows], self.ctx.dtype))
-                        for r in range(0, valid.shape[0], rows)]
+            pos: Any = prefill_chunks(spec, fam, positions, self.ctx.dtype)
         else:
             positions, ids = batch.positions[:, None], batch.ids[:, None]  # (B, 1)
             pos = fam.prepare_positions(spec, positions, self.ctx.dtype)

@@ -8,9 +8,10 @@ import itertools
 import pytest
 import torch
 
+from flexalisa import prefill
 from flexalisa.engine import Engine, KVCache, left_pad
 from flexalisa.models import load_model
-from flexalisa.runtime import OffloadRunner, compute
+from flexalisa.runtime import OffloadRunner
 from policy.policy import Policy
 from tests.conftest import make_prompts
 
@@ -181,10 +182,10 @@ def test_tiny_dense_parity_with_a_chunked_prefill(tiny_runs, kind, placement, nu
                          gpu_batch_size=5 if num_gpu_batches == 1 else 2)
     monkeypatch.setattr("cost_model.costs.PREFILL_CHUNK_TOKENS", 2 * length)
     chunks = []
-    real_prefill_rows = compute._prefill_rows
-    monkeypatch.setattr(compute, "_prefill_rows",
-                        lambda ctx, w, x, *a: chunks.append(x.shape[0]) or real_prefill_rows(
-                            ctx, w, x, *a))
+    real_prefill_rows = prefill._prefill_rows
+    monkeypatch.setattr(prefill, "_prefill_rows",
+                        lambda spec, fam, method, w, x, *a: chunks.append(x.shape[0])
+                        or real_prefill_rows(spec, fam, method, w, x, *a))
     check_parity(weights, policy, prompts, reference)
     layers = weights.spec.num_layers
     assert chunks == ([2, 2, 1] * layers if num_gpu_batches == 1 else [2] * (3 * layers))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexalisa import engine as engine_module
 from flexalisa.attention import make_method
 from flexalisa.engine import Engine
 from flexalisa.kv import TieredKVStore
@@ -155,3 +156,24 @@ def test_sparse_chunked_prefill_matches_the_one_pass_engine(tiny_weights, kind, 
     runner.close()
     assert got.tokens == want.tokens
     assert got.extras["tokens_recomputed"] > 0
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+@pytest.mark.parametrize("method_name,sparsity", [("swa", 0.5), ("h2o", 0.6)])
+def test_engine_chunked_sparse_prefill_equals_one_pass(tiny_weights, kind, method_name,
+                                                       sparsity, monkeypatch):
+    """The Engine's prefill under a method runs layer by layer in the runtime's row chunks:
+    chunks of two rows give the tokens and scores of one pass over all six."""
+    weights = tiny_weights[kind]
+    prompts = make_prompts(6, 24, seed=5)
+    length = max(len(p) for p in prompts)
+    engine = Engine(weights, method=make_method(method_name, sparsity))
+    one_pass = engine.generate(prompts, NEW_TOKENS, ignore_eos=True)
+    calls = []
+    real_layer = engine_module.prefill_layer
+    monkeypatch.setattr(engine_module, "prefill_layer",
+                        lambda *a, **k: calls.append(len(a[5])) or real_layer(*a, **k))
+    monkeypatch.setattr("cost_model.costs.PREFILL_CHUNK_TOKENS", 2 * length)
+    chunked = engine.generate(prompts, NEW_TOKENS, ignore_eos=True)
+    assert calls == [3] * weights.spec.num_layers  # three chunks in every layer
+    assert chunked.tokens == one_pass.tokens

@@ -128,8 +128,8 @@ def test_gather_kv_shared_and_per_kv_head_selections() -> None:
 def test_dense_selection_keeps_the_cache_layout() -> None:
     """Gathering with ``dense_selection`` rebuilds the contiguous cache's K, V at valid slots,
     in slot order, so the fused kernel sees the Engine's inputs; padding points at S-1."""
+    from flexalisa.attention import dense_attention
     from flexalisa.attention.selection import dense_selection, mask_to_selection
-    from flexalisa.engine import dense_attention
 
     q, k, v = make_qkv(seed=3)
     q = q[:, :, -1:]
@@ -167,7 +167,7 @@ def test_take_rows_equals_advanced_indexing(layout: str) -> None:
 def test_dense_attention_matches_the_reference(num_q: int) -> None:
     """The fused kernel, with the one-query GQA fold (num_q 1) and without it (prefill rows),
     equals plain attention with K/V repeated per query head, left padding masked."""
-    from flexalisa.engine import dense_attention
+    from flexalisa.attention import dense_attention
 
     q, k, v = make_qkv(seed=4)
     q = q[:, :, -num_q:]
