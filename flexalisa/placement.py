@@ -154,8 +154,24 @@ SEARCH_SHRINK = 0.75  # device memory of the next search when the misfit is not 
 def fitting_search(weights, hw: HardwareProfile, prompts: list[list[int]], limits: list[int],
                    space, device: str = "cpu", gpu_mem_bytes: int | None = None,
                    cpu_mem_bytes: int | None = None):
-    """(search result, planned runner, device bytes of the last search): the cost model's best
-    policy whose runtime memory plan fits the budgets.
+    """(search result, planned runner, device bytes of the last search): ``fitting_policy``'s
+    policy with the OffloadRunner that runs it on ``device``."""
+    from flexalisa.engine import default_dtype, resolve_device
+    from flexalisa.runtime.runner import device_budget
+
+    torch_device = resolve_device(device)
+    result, searched = fitting_policy(weights, hw, prompts, limits, space, torch_device.type,
+                                      default_dtype(torch_device),
+                                      device_budget(torch_device, gpu_mem_bytes), cpu_mem_bytes)
+    return result, _runner(weights, device, result.policy, gpu_mem_bytes, cpu_mem_bytes), searched
+
+
+def fitting_policy(weights, hw: HardwareProfile, prompts: list[list[int]], limits: list[int],
+                   space, device_type: str, dtype, gpu_mem_bytes: int | None,
+                   cpu_mem_bytes: int | None):
+    """(search result, device bytes of the last search): the cost model's best policy whose
+    runtime memory plan (``flexalisa.runtime.runner.plan_blocks`` on a ``device_type``
+    device, in ``dtype``) fits the budgets. Needs no device, only shapes.
 
     The cost model's memory terms relax the runtime's (its weight share is continuous, the
     runtime places whole layers and needs both working buffers once any layer streams). When
@@ -163,6 +179,7 @@ def fitting_search(weights, hw: HardwareProfile, prompts: list[list[int]], limit
     the overshoot the runtime reports plus one layer's weights (the runtime's unit), or by
     ``SEARCH_SHRINK`` when the misfit is elsewhere. The budgets given are never exceeded.
     """
+    from flexalisa.runtime.runner import plan_blocks
     from policy import InfeasibleError, search
 
     prompt_len, gen_len = max(map(len, prompts)), max(limits)
@@ -172,12 +189,11 @@ def fitting_search(weights, hw: HardwareProfile, prompts: list[list[int]], limit
             result = search(weights.spec, hw, prompt_len, gen_len, space)
         except InfeasibleError as exc:  # after a refit, the runtime's message says more
             raise misfit or FlexalisaError(str(exc)) from None
-        runner = _runner(weights, device, result.policy, gpu_mem_bytes, cpu_mem_bytes)
         try:
-            runner.plan(prompts, limits)
-            return result, runner, hw.gpu_mem_bytes
+            plan_blocks(weights, result.policy, prompts, limits, dtype, gpu_mem_bytes,
+                        cpu_mem_bytes, device_type)
+            return result, hw.gpu_mem_bytes
         except BudgetError as exc:
-            runner.close()
             misfit = exc
             if retry == SEARCH_RETRIES:
                 raise  # the runtime's message: what the last policy needs, and what would fit

@@ -65,6 +65,40 @@ def _bytes(value: int | str | None) -> int | None:
     return parse_bytes(value) if isinstance(value, str) else value
 
 
+def device_budget(device: torch.device, gpu_mem_bytes: int | None) -> int | None:
+    """The device budget a runner plans with: the given one, or on CUDA the free memory."""
+    if gpu_mem_bytes is None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return gpu_mem_bytes
+
+
+def block_shape(policy: Policy, prompts: list[list[int]], rows: Rows, limits: list[int],
+                gpu_batch_size: int) -> BlockShapeInfo:
+    """The memory shape of the block of ``rows``: a short last block has fewer rows per GPU
+    batch, and every block is padded to its longest prompt and runs to its longest limit."""
+    num_batches = policy.num_gpu_batches
+    batch = min(gpu_batch_size, math.ceil(len(rows) / num_batches))
+    return BlockShapeInfo(batch, num_batches, max(len(prompts[r]) for r in rows),
+                          max(limits[r] for r in rows))
+
+
+def plan_blocks(weights: ModelWeights, policy: Policy, prompts: list[list[int]],
+                limits: list[int], dtype: torch.dtype, gpu_mem_bytes: int | None,
+                cpu_mem_bytes: int | None, device_type: str,
+                gpu_batch_size: int | None = None) -> list[tuple[Rows, BlockMemory]]:
+    """Every block's rows and memory plan for ``policy`` on a ``device_type`` device; raises
+    ``BudgetError`` if any does not fit. Needs no device: shapes and byte counts only."""
+    batch = gpu_batch_size or policy.gpu_batch_size
+    per_block = batch * policy.num_gpu_batches
+    out = []
+    for start in range(0, len(prompts), per_block):
+        rows = list(range(start, min(start + per_block, len(prompts))))
+        shape = block_shape(policy, prompts, rows, limits, batch)
+        out.append((rows, plan_block(weights, policy, shape, dtype, gpu_mem_bytes,
+                                     cpu_mem_bytes, device_type)))
+    return out
+
+
 class OffloadRunner:
     """Generation with weights, KV and activations placed between device and host by a Policy."""
 
@@ -76,9 +110,7 @@ class OffloadRunner:
         self.dtype = dtype or default_dtype(self.device.torch_device)
         self.policy, self.spec = policy, weights.spec
         self.weights_in = weights
-        self.gpu_mem_bytes = _bytes(gpu_mem_bytes)
-        if self.gpu_mem_bytes is None and self.device.kind == "cuda":
-            self.gpu_mem_bytes = torch.cuda.mem_get_info(self.device.torch_device)[0]
+        self.gpu_mem_bytes = device_budget(self.device.torch_device, _bytes(gpu_mem_bytes))
         self.cpu_mem_bytes = _bytes(cpu_mem_bytes)
         self.method = make_method(policy.sparsity_method, policy.sparsity)
         self.timing, self.check_integrity = timing, check_integrity
@@ -99,24 +131,14 @@ class OffloadRunner:
     # ---- planning -------------------------------------------------------------------------
     def _shape(self, prompts: list[list[int]], rows: Rows, limits: list[int],
                gpu_batch_size: int) -> BlockShapeInfo:
-        num_batches = self.policy.num_gpu_batches
-        batch = min(gpu_batch_size, math.ceil(len(rows) / num_batches))
-        return BlockShapeInfo(batch, num_batches, max(len(prompts[r]) for r in rows),
-                              max(limits[r] for r in rows))
+        return block_shape(self.policy, prompts, rows, limits, gpu_batch_size)
 
     def plan(self, prompts: list[list[int]], limits: list[int],
              gpu_batch_size: int | None = None) -> list[tuple[Rows, BlockMemory]]:
         """Every block's rows and memory plan; raises ``BudgetError`` if any does not fit."""
-        batch = gpu_batch_size or self.policy.gpu_batch_size
-        per_block = batch * self.policy.num_gpu_batches
-        out = []
-        for start in range(0, len(prompts), per_block):
-            rows = list(range(start, min(start + per_block, len(prompts))))
-            shape = self._shape(prompts, rows, limits, batch)
-            out.append((rows, plan_block(self.weights_in, self.policy, shape, self.dtype,
-                                         self.gpu_mem_bytes, self.cpu_mem_bytes,
-                                         self.device.torch_device.type)))
-        return out
+        return plan_blocks(self.weights_in, self.policy, prompts, limits, self.dtype,
+                           self.gpu_mem_bytes, self.cpu_mem_bytes,
+                           self.device.torch_device.type, gpu_batch_size)
 
     def _block_ops(self, num_steps: int) -> list[BlockOp]:
         shape = BlockShape(num_steps, self.spec.num_layers, self.policy.num_gpu_batches)
