@@ -30,7 +30,7 @@ from flexalisa.errors import FlexalisaError
 from flexalisa.models.family import family_of
 from flexalisa.models.linear import can_pack, pack_weights
 from flexalisa.models.weights import ModelWeights
-from flexalisa.prefill import prefill_chunks, prefill_layer, prefill_mask
+from flexalisa.prefill import prefill_chunks, prefill_layer, prefill_mask, prefill_rows
 from flexalisa.sampling import SamplingParams, row_generators, sample
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
@@ -151,14 +151,11 @@ class Engine:
         pos = fam.prepare_positions(spec, positions, self.dtype)
         last_layer = len(w.layers) - 1
         for layer_idx, lw in enumerate(w.layers):
-            q, k, v = fam.qkv(spec, lw, x, pos)
+            # only the last position feeds the logits: the final layer's attention output,
+            # o-proj and MLP are computed for it alone (its K, V are computed for every position)
+            x, k, v, _ = prefill_rows(spec, fam, None, lw, x, pos, mask, None,
+                                      last_only and layer_idx == last_layer)
             cache.write(layer_idx, 0, k, v, rows)
-            if last_only and layer_idx == last_layer:
-                # only the last position feeds the logits: the final layer's attention output,
-                # o-proj and MLP are computed for it alone (its K, V are already cached)
-                q, x, mask = q[:, :, -1:], x[:, -1:], mask[:, -1:]
-            attn = dense_attention(q, k, v, mask)
-            x = fam.finish_layer(spec, lw, x, attn)
         return fam.logits(spec, w.globals, x)
 
     def _prefill_by_layer(self, cache: KVCache, ids: Tensor, valid: Tensor,

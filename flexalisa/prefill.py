@@ -60,10 +60,10 @@ def prefill_layer(spec: ModelSpec, fam: ModuleType, method: SparsityMethod | Non
     position only (B, 1, H): only it feeds the logits; its K, V are computed for every position.
     """
     last = layer_idx == spec.num_layers - 1
-    scored = method is not None and method.needs_scores
+    seeding = method if method is not None and method.needs_scores else None
     if len(chunks) == 1:
-        out, k, v, probs = _prefill_rows(spec, fam, method if scored else None, w, x,
-                                         chunks[0][1], mask, state, last, section)
+        out, k, v, probs = prefill_rows(spec, fam, seeding, w, x, chunks[0][1], mask, state,
+                                        last, section)
     else:
         batch, length, _ = x.shape
         k = x.new_empty(batch, spec.num_kv_heads, length, spec.head_dim)
@@ -71,23 +71,24 @@ def prefill_layer(spec: ModelSpec, fam: ModuleType, method: SparsityMethod | Non
         out = x.new_empty(batch, 1 if last else length, spec.hidden_size)
         parts = []
         for rows, pos in chunks:
-            out[rows], k[rows], v[rows], chunk_probs = _prefill_rows(
-                spec, fam, method if scored else None, w, x[rows], pos, mask[rows], state,
-                last, section)
+            out[rows], k[rows], v[rows], chunk_probs = prefill_rows(
+                spec, fam, seeding, w, x[rows], pos, mask[rows], state, last, section)
             parts.append(chunk_probs)
-        probs = torch.cat(parts) if scored else None
+        probs = torch.cat(parts) if seeding is not None else None
     if probs is not None:
-        assert method is not None and state is not None
+        assert seeding is not None and state is not None
         with section("selection"):
-            method.observe_prefill(state, layer_idx, probs, valid)
+            seeding.observe_prefill(state, layer_idx, probs, valid)
     return out, k, v
 
 
-def _prefill_rows(spec: ModelSpec, fam: ModuleType, method: SparsityMethod | None,
-                  w: LayerWeights, x: Tensor, pos: Any, mask: Tensor,
-                  state: MethodState | None, last: bool, section: Section
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One chunk of ``prefill_layer``: (output, k, v, the method's attention weights or None)."""
+def prefill_rows(spec: ModelSpec, fam: ModuleType, method: SparsityMethod | None,
+                 w: LayerWeights, x: Tensor, pos: Any, mask: Tensor,
+                 state: MethodState | None, last: bool, section: Section = _untimed
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One layer over rows x (b, T, H): (output, k, v, the attention weights ``method`` seeds
+    from, or None when it is None). ``last``: the output for the last position only. One chunk
+    of ``prefill_layer``, and each layer of the Engine's dense prefill."""
     with section("linear"):
         q, k, v = fam.qkv(spec, w, x, pos)
     probs = None

@@ -129,10 +129,6 @@ class OffloadRunner:
         self.device.close()
 
     # ---- planning -------------------------------------------------------------------------
-    def _shape(self, prompts: list[list[int]], rows: Rows, limits: list[int],
-               gpu_batch_size: int) -> BlockShapeInfo:
-        return block_shape(self.policy, prompts, rows, limits, gpu_batch_size)
-
     def plan(self, prompts: list[list[int]], limits: list[int],
              gpu_batch_size: int | None = None) -> list[tuple[Rows, BlockMemory]]:
         """Every block's rows and memory plan; raises ``BudgetError`` if any does not fit."""
@@ -178,7 +174,8 @@ class OffloadRunner:
                   request: Request, totals: RunTotals) -> list[BatchState]:
         """Run ``rows`` as one block; on an out-of-memory error, as blocks of half the batch."""
         if memory is None:
-            shape = self._shape(request.prompts, rows, request.limits, gpu_batch_size)
+            shape = block_shape(self.policy, request.prompts, rows, request.limits,
+                                gpu_batch_size)
             memory = plan_block(self.weights_in, self.policy, shape, self.dtype,
                                 self.gpu_mem_bytes, self.cpu_mem_bytes,
                                 self.device.torch_device.type)

@@ -182,8 +182,8 @@ def test_tiny_dense_parity_with_a_chunked_prefill(tiny_runs, kind, placement, nu
                          gpu_batch_size=5 if num_gpu_batches == 1 else 2)
     monkeypatch.setattr("cost_model.costs.PREFILL_CHUNK_TOKENS", 2 * length)
     chunks = []
-    real_prefill_rows = prefill._prefill_rows
-    monkeypatch.setattr(prefill, "_prefill_rows",
+    real_prefill_rows = prefill.prefill_rows
+    monkeypatch.setattr(prefill, "prefill_rows",
                         lambda spec, fam, method, w, x, *a: chunks.append(x.shape[0])
                         or real_prefill_rows(spec, fam, method, w, x, *a))
     check_parity(weights, policy, prompts, reference)
