@@ -109,6 +109,9 @@ class BlockLoop:
         finally:
             self.sync(None)  # never leave a copy job running past the block
             self.device.finish()
+            for layer in self.live_weights.values():  # a block ended early: free its buffers
+                self.weights.release(layer)
+            self.live_weights.clear()
         self.stats.end_mark = self.device.stamp()
         return self.stats
 
@@ -190,7 +193,7 @@ class BlockLoop:
         self.new_kv[(j, k)] = (k_new, v_new, x)
         self.outputs[(j, k)] = out
         if k == len(self.batches) - 1:
-            del self.live_weights[(i, j)]
+            self.weights.release(self.live_weights.pop((i, j)))
         if j == spec.num_layers - 1:
             self._sample(i, batch, out)
 

@@ -11,10 +11,18 @@ most two streamed layers are on the device at a time (double buffering). The glo
 (``flexalisa.kv.quant``, groups of 64 along ``in_features``, or the largest even divisor that
 fits), resident or not; streamed layers are copied as codes, and every layer is dequantized on
 the device at ``LOAD_WEIGHT`` into its working buffer. Biases and norms stay uncompressed.
+
+On a CPU device the two working buffers of uncompressed streamed layers are real, reused
+tensors: a load copies into a free one and the loop hands it back (``release``) after the
+layer's last compute. A fresh tensor per load (a clone) paid the kernel's first-touch page
+faults on every one: a SmolLM2 layer (14 MB, packed) copied at 11.4 GB/s as a clone and at
+16.5 GB/s into a reused buffer here. Under CUDA a load allocates from the caching allocator,
+which reuses blocks already, and its stream-ordered reuse stays safe without more events.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +125,12 @@ class WeightStore:
             self.globals = {k: pack_tensor(k, v) for k, v in self.globals.items()}
         self.layers: list[dict[str, StoredTensor]] = [
             self._home(layer, layout.resident(j)) for j, layer in enumerate(weights.layers)]
+        # reused working buffers (CPU device, see the module docstring): slot -> name -> tensor
+        self.reuse_buffers = compute.type == "cpu"
+        self._buffers: list[dict[str, Tensor]] = [{}, {}]
+        self._free_slots = [0, 1]
+        self._slot_of: dict[int, int] = {}  # id(loaded layer dict) -> its slot
+        self._slots_lock = threading.Lock()  # loads run on a copy thread, releases on compute
 
     def _home(self, layer: LayerWeights, resident: bool) -> dict[str, StoredTensor]:
         if self.q_dim is not None and "wqkv" in layer:
@@ -149,6 +163,7 @@ class WeightStore:
                                                      and not self.layout.compressed):
             return home, 0  # type: ignore[return-value]
         streamed = self.is_streamed(layer_idx)
+        slot = self._take_slot() if streamed and not self.layout.compressed else None
         out: LayerWeights = {}
         moved = 0
         for name, t in home.items():
@@ -157,10 +172,38 @@ class WeightStore:
                 out[name] = dequantize(on_device)
             elif not streamed:
                 out[name] = t
+            elif slot is not None:
+                out[name] = self._buffer(slot, name, t).copy_(t)
             else:
                 out[name] = self.device.to_compute(t)
             moved += stored_bytes(t) if streamed else 0
+        if slot is not None:
+            with self._slots_lock:
+                self._slot_of[id(out)] = slot
         return out, moved
+
+    def release(self, layer: LayerWeights) -> None:
+        """``layer`` (a ``load`` result) is no longer read: its working buffer may be reused."""
+        with self._slots_lock:
+            slot = self._slot_of.pop(id(layer), None)
+            if slot is not None:
+                self._free_slots.append(slot)
+
+    def _take_slot(self) -> int | None:
+        """A free reusable buffer, or None (not a CPU device, or both in use): then the load
+        makes a fresh copy, as under CUDA."""
+        if not self.reuse_buffers:
+            return None
+        with self._slots_lock:
+            return self._free_slots.pop(0) if self._free_slots else None
+
+    def _buffer(self, slot: int, name: str, like: Tensor) -> Tensor:
+        """The slot's tensor for ``name``, (re)made when it does not match ``like``."""
+        buf = self._buffers[slot].get(name)
+        if (buf is None or buf.size() != like.size() or buf.dtype != like.dtype
+                or buf.is_mkldnn != like.is_mkldnn):
+            buf = self._buffers[slot][name] = self.device.to_compute(like)
+        return buf
 
     def resident_bytes(self) -> int:
         """Device bytes of the globals and the resident layers."""

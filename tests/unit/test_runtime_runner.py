@@ -72,6 +72,21 @@ def test_weight_store_double_buffers_streamed_layers(llama):
                for k, t in layer.items())
     assert layer["wqkv"].is_mkldnn == store.packed
     assert store.load(0)[1] == 0  # resident: nothing copied
+
+    def dense(t):
+        return t.to_dense() if t.is_mkldnn else t
+
+    # CPU: two reused working buffers. With both held, a third load gets a fresh copy; a
+    # released buffer is refilled in place by the next load, with the new layer's values.
+    other, _ = store.load(1)
+    third, _ = store.load(2)
+    assert all(third[k] is not layer[k] and third[k] is not other[k] for k in layer)
+    store.release(layer)
+    store.release(third)  # not a buffer: nothing to free
+    again, _ = store.load(1)
+    assert all(again[k] is layer[k] for k in layer)
+    assert all(torch.equal(dense(t), llama.layers[1][k]) for k, t in again.items())
+    assert all(torch.equal(dense(t), llama.layers[1][k]) for k, t in other.items())
     device.close()
 
 
