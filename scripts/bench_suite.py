@@ -7,7 +7,9 @@ Sections (each a list of rows in results/bench_suite.json, a table in results/be
   2. sparse_vs_dense  SWA at sparsity 0.5 / 0.8 / 0.9 vs dense on the engine, prompt 128/512/1024
   3. alisa_vs_flexgen the cost model's best ALISA policy vs its best FlexGen-style policy (dense,
                       static split, no recompute) under the same device budget, on the offloading
-                      runner, at several batch sizes; with the cost model's predictions
+                      runner, at several batch sizes (gen 16), and at one longer generation
+                      (labels "... gen256"), where SWA reads 20% of a context up to 384
+                      tokens; with the cost model's predictions
   4. roofline         each row's matmul FLOP/s over the measured profile's best GEMM rate
 Plots (results/*.png): throughput vs batch per policy, predicted vs measured, and the time
 breakdown / KV memory of the last ALISA run. Every throughput is a median of 3 runs after a
@@ -45,16 +47,18 @@ from policy import SearchSpace
 # copy there (flexalisa.models.linear), so 448 MiB leaves about what 320 MiB left before it.
 FULL = dict(hf=(32, 128, 64), sparse_prompts=(128, 512, 1024), sparse_batch=4, sparse_gen=16,
             sparsities=(0.5, 0.8, 0.9), offload_batches=(4, 8, 16), offload_prompt=128,
-            offload_gen=16, gpu_mem=448 * 2**20, repeat=3, hf_repeat=5)
+            offload_gen=16, offload_long=(16, 256), gpu_mem=448 * 2**20, repeat=3,
+            hf_repeat=5)
 SECTIONS = ("dense_vs_hf", "sparse_vs_dense", "alisa_vs_flexgen")
 SMOKE = dict(hf=(2, 16, 4), sparse_prompts=(16, 32), sparse_batch=2, sparse_gen=4,
              sparsities=(0.5, 0.8), offload_batches=(2, 4), offload_prompt=16, offload_gen=4,
-             gpu_mem=None, repeat=1, hf_repeat=1)
+             offload_long=(2, 8), gpu_mem=None, repeat=1, hf_repeat=1)
 
 
-def timed(fn, repeat: int) -> list[dict]:
-    """`fn()` -> GenerationResult, once to warm up then `repeat` times; per-run timings."""
-    fn()
+def timed(fn, repeat: int, warmup=None) -> list[dict]:
+    """`fn()` -> GenerationResult, `repeat` times after a warm-up (`warmup()`, or `fn()`
+    itself); per-run timings."""
+    (warmup or fn)()
     return [run_timings(fn()) for _ in range(repeat)]
 
 
@@ -105,25 +109,30 @@ def sparse_vs_dense(weights, sizes: dict, peak: float) -> list[dict]:
 
 def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[dict], dict]:
     rows, last_report = [], {}
-    prompt_len, gen_len = sizes["offload_prompt"], sizes["offload_gen"]
+    prompt_len = sizes["offload_prompt"]
     spaces = {"flexgen": SearchSpace(style="flexgen"),
               "alisa": SearchSpace(style="alisa", sparsity_methods=("swa",), sparsities=(0.8,))}
-    for batch in sizes["offload_batches"]:
+    long_batch, long_gen = sizes["offload_long"]
+    workloads = [(batch, sizes["offload_gen"], "") for batch in sizes["offload_batches"]]
+    workloads.append((long_batch, long_gen, f" gen{long_gen}"))
+    for batch, gen_len, suffix in workloads:
         prompts = synthetic_prompts(weights.spec.vocab_size, batch, prompt_len, seed=2)
-        for label, space in spaces.items():
+        for style, space in spaces.items():
             space = SearchSpace(**{**space.__dict__, "batch_sizes": (batch,)})
             result, runner, _ = fitting_search(weights, hw, prompts, [gen_len] * batch, space,
                                                gpu_mem_bytes=hw.gpu_mem_bytes)
-            runs = timed(lambda r=runner, p=prompts: r.generate(p, gen_len, ignore_eos=True),
-                         sizes["repeat"])
+            runs = timed(lambda r=runner, p=prompts, g=gen_len: r.generate(p, g, ignore_eos=True),
+                         sizes["repeat"],  # a long run warms up on a short one
+                         warmup=lambda r=runner, p=prompts: r.generate(p, 4, ignore_eos=True))
             runner.close()
+            label = style + suffix
             row = {"label": label, **summarize_timings(runs, batch, prompt_len, gen_len),
                    "policy": result.policy.describe(),
                    "predicted_total_tok_s": result.prediction.total_tok_per_s}
             rows.append(row)
             print(f"  {label} batch {batch}: {row['total_tok_s']:.1f} tok/s "
                   f"(predicted {row['predicted_total_tok_s']:.1f})", file=sys.stderr)
-            if label == "alisa":
+            if style == "alisa":
                 last_report = runtime_sections(runs[-1]["extras"], result.policy,
                                                result.prediction, row["total_tok_s"])
                 extras = runs[-1]["extras"]

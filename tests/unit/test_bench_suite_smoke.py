@@ -29,7 +29,9 @@ def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
     labels = {r["label"] for r in results["sparse_vs_dense"]}
     assert labels == {"dense", "swa@0.5", "swa@0.8"}
     offload = results["alisa_vs_flexgen"]
-    assert {r["label"] for r in offload} == {"alisa", "flexgen"}
+    assert [(r["label"], r["batch"], r["gen_len"]) for r in offload] == [
+        ("flexgen", 2, 4), ("alisa", 2, 4), ("flexgen", 4, 4), ("alisa", 4, 4),
+        ("flexgen gen8", 2, 8), ("alisa gen8", 2, 8)]
     assert all(r["predicted_total_tok_s"] > 0 for r in offload)
     assert "## alisa_vs_flexgen" in (tmp_path / "bench_suite.md").read_text()
     for png in ("throughput_vs_batch.png", "predicted_vs_measured.png", "time_breakdown.png",
