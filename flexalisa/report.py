@@ -142,6 +142,20 @@ def _combine(a, b, op):
     return b
 
 
+def breakdown_by_op(extras: dict) -> dict[str, float]:
+    """Seconds per op kind that add up to the run's wall time (the phases' sum): the runner's
+    timed sections (``op_s``); ``copies (inline)``, the copy jobs' time where they ran on the
+    compute thread (no section times them; with copy threads or CUDA streams they overlap, and
+    only ``transfer_wait`` is compute's); and ``other``, the rest (the loop's own work)."""
+    by_op = dict(extras.get("op_s", {}))
+    if extras.get("copy_mode") == "inline":
+        by_op["copies (inline)"] = extras.get("transfer_busy_s", 0.0)
+    wall = sum(extras.get("phase_s", {}).values())
+    if wall:
+        by_op["other"] = max(0.0, wall - sum(by_op.values()))
+    return by_op
+
+
 def runtime_sections(extras: dict | None, policy, prediction,
                      measured_total_tok_s: float) -> dict:
     """Report sections for an offloaded run: the policy, the runner's counters, the breakdown
@@ -151,7 +165,7 @@ def runtime_sections(extras: dict | None, policy, prediction,
         sections["policy"] = policy.to_dict()
     if extras:
         sections["runtime"] = {k: v for k, v in extras.items() if k != "policy"}
-        sections["breakdown"] = {"by_op": extras.get("op_s", {}),
+        sections["breakdown"] = {"by_op": breakdown_by_op(extras),
                                  "by_phase": extras.get("phase_s", {})}
     if prediction is not None:
         measured = measured_total_tok_s

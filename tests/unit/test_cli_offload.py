@@ -46,7 +46,14 @@ def test_policy_file_runs_offloaded_with_the_same_tokens(tiny_chat_model, tmp_pa
     assert report["policy"]["kv_recompute_share"] == 0.2
     assert report["runtime"]["runner"] == "offload"
     assert report["runtime"]["tokens_recomputed"] > 0 and report["runtime"]["h2d_bytes"] > 0
-    assert set(report["breakdown"]["by_op"]) >= {"linear", "attention", "transfer_wait"}
+    by_op = report["breakdown"]["by_op"]
+    assert set(by_op) >= {"linear", "attention", "transfer_wait", "other"}
+    # the breakdown adds up to the wall time; inline copies are a part of their own
+    assert sum(by_op.values()) == pytest.approx(sum(report["runtime"]["phase_s"].values()))
+    inline = report["runtime"]["copy_mode"] == "inline"
+    assert ("copies (inline)" in by_op) == inline
+    if inline:
+        assert by_op["copies (inline)"] == report["runtime"]["transfer_busy_s"] > 0
     assert "prediction" not in report  # pricing a policy file needs a named --hardware
 
     code, out = run(tiny_chat_model, tmp_path, "priced", "--policy", str(policy_path),
