@@ -166,17 +166,23 @@ class WeightStore:
         slot = self._take_slot() if streamed and not self.layout.compressed else None
         out: LayerWeights = {}
         moved = 0
-        for name, t in home.items():
-            if isinstance(t, QTensor):
-                on_device = t.to(self.device.torch_device, non_blocking=self.device.pin)
-                out[name] = dequantize(on_device)
-            elif not streamed:
-                out[name] = t
-            elif slot is not None:
-                out[name] = self._buffer(slot, name, t).copy_(t)
-            else:
-                out[name] = self.device.to_compute(t)
-            moved += stored_bytes(t) if streamed else 0
+        try:
+            for name, t in home.items():
+                if isinstance(t, QTensor):
+                    on_device = t.to(self.device.torch_device, non_blocking=self.device.pin)
+                    out[name] = dequantize(on_device)
+                elif not streamed:
+                    out[name] = t
+                elif slot is not None:
+                    out[name] = self._buffer(slot, name, t).copy_(t)
+                else:
+                    out[name] = self.device.to_compute(t)
+                moved += stored_bytes(t) if streamed else 0
+        except BaseException:
+            if slot is not None:  # a failed load hands its buffer back
+                with self._slots_lock:
+                    self._free_slots.append(slot)
+            raise
         if slot is not None:
             with self._slots_lock:
                 self._slot_of[id(out)] = slot
