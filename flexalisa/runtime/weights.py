@@ -165,6 +165,9 @@ class WeightStore:
         streamed = self.is_streamed(layer_idx)
         slot = self._take_slot() if streamed and not self.layout.compressed else None
         out: LayerWeights = {}
+        if slot is not None:
+            with self._slots_lock:
+                self._slot_of[id(out)] = slot
         moved = 0
         try:
             for name, t in home.items():
@@ -174,18 +177,13 @@ class WeightStore:
                 elif not streamed:
                     out[name] = t
                 elif slot is not None:
-                    out[name] = self._buffer(slot, name, t).copy_(t)
+                    out[name] = self._fill(slot, name, t)
                 else:
                     out[name] = self.device.to_compute(t)
                 moved += stored_bytes(t) if streamed else 0
         except BaseException:
-            if slot is not None:  # a failed load hands its buffer back
-                with self._slots_lock:
-                    self._free_slots.append(slot)
+            self.release(out)  # a failed load hands its buffer back
             raise
-        if slot is not None:
-            with self._slots_lock:
-                self._slot_of[id(out)] = slot
         return out, moved
 
     def release(self, layer: LayerWeights) -> None:
@@ -203,13 +201,15 @@ class WeightStore:
         with self._slots_lock:
             return self._free_slots.pop(0) if self._free_slots else None
 
-    def _buffer(self, slot: int, name: str, like: Tensor) -> Tensor:
-        """The slot's tensor for ``name``, (re)made when it does not match ``like``."""
+    def _fill(self, slot: int, name: str, t: Tensor) -> Tensor:
+        """``t`` copied into the slot's tensor for ``name``; a new one (kept for the next load)
+        when the slot has none that matches ``t``."""
         buf = self._buffers[slot].get(name)
-        if (buf is None or buf.size() != like.size() or buf.dtype != like.dtype
-                or buf.is_mkldnn != like.is_mkldnn):
-            buf = self._buffers[slot][name] = self.device.to_compute(like)
-        return buf
+        if (buf is None or buf.size() != t.size() or buf.dtype != t.dtype
+                or buf.is_mkldnn != t.is_mkldnn):
+            self._buffers[slot][name] = self.device.to_compute(t)
+            return self._buffers[slot][name]
+        return buf.copy_(t)
 
     def resident_bytes(self) -> int:
         """Device bytes of the globals and the resident layers."""
