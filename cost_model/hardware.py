@@ -15,6 +15,8 @@ Time model (used by ``cost_model.timing``), per operation::
     (a layer's GEMM time sums its projections' flops / rate, then takes the max with its bytes)
     copy_s      = bytes / h2d_bytes_per_s   (or d2h)
     cpu_attn_s  = max(flops / cpu_flops_per_s, bytes_touched / cpu_mem_bytes_per_s)
+    select_s    = selection_overhead_s + rows * context * selection_s_per_token
+                  (sparse decode steps only, per layer per GPU batch of ``rows`` sequences)
 
 Overlap: ``copy_overlap`` is the share of the shorter of a copy and the compute beside it that
 runs concurrently, so the two take ``a + c - copy_overlap * min(a, c)``. A GPU's copy engines
@@ -59,6 +61,11 @@ class HardwareProfile:
     compute_dtype_bytes: int = 2  # element size the device computes and stores in (fp16: 2)
     cpu_compute_dtype_bytes: int = 4  # element size the host computes attention in (fp32: 4)
     layer_overhead_s: float = 2e-4  # fixed cost per layer per GPU batch (launches, Python dispatch)
+    # a sparse decode step's token selection (SWA's select + observe), per layer per GPU batch:
+    # a fixed part plus a part per sequence per cached token (its scores are O(context));
+    # 0 = not counted (profiles saved before these fields existed)
+    selection_overhead_s: float = 0.0
+    selection_s_per_token: float = 0.0
     copy_overlap: float = 1.0  # share of min(copy, compute) run concurrently (1: DMA engines)
     gemm_flops_table: tuple[tuple[int, int, float], ...] = ()  # (rows, inner dim, FLOP/s) grid
 
@@ -69,8 +76,10 @@ class HardwareProfile:
             value = getattr(self, field_name)
             if not value > 0:
                 raise ValueError(f"HardwareProfile.{field_name} must be > 0, got {value!r}")
-        if self.layer_overhead_s < 0:
-            raise ValueError(f"layer_overhead_s must be >= 0, got {self.layer_overhead_s!r}")
+        for field_name in ("layer_overhead_s", "selection_overhead_s", "selection_s_per_token"):
+            value = getattr(self, field_name)
+            if not value >= 0:
+                raise ValueError(f"{field_name} must be >= 0, got {value!r}")
         if not 0.0 <= self.copy_overlap <= 1.0:
             raise ValueError(f"copy_overlap must be in [0, 1], got {self.copy_overlap!r}")
         self._check_table()

@@ -156,6 +156,47 @@ def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> flo
     return timer.best_s(layer)
 
 
+SELECTION_POINTS = ((16, 128), (16, 512))  # (sequences, cached tokens) the fit is drawn through
+
+
+def _selection_costs(torch: Any, timer: _Timer, device: str) -> dict[str, float]:
+    """SWA's token selection per layer per GPU batch: (fixed s, s per sequence per token).
+
+    Times the runtime's own method (``flexalisa.attention``, SWA at sparsity 0.8, 8 layers of
+    2 KV heads, 8 query heads) the way a decode step calls it, ``select`` then ``observe`` for
+    each layer, at the two ``SELECTION_POINTS``, and draws a line through them: the scores it
+    picks from are O(context), the rest is fixed per call. Nothing is recorded (zeros) where
+    flexalisa is not installed beside the cost model.
+    """
+    try:
+        from flexalisa.attention import make_method
+    except ImportError:
+        return {}
+    layers, kv_heads, heads = 8, 2, 8
+    per_step = []
+    for batch, context in SELECTION_POINTS:
+        method = make_method("swa", 0.8)
+        state = method.init_state(batch, layers, kv_heads, context + 1, device)
+        valid = torch.ones(batch, context + 1, dtype=torch.bool, device=device)
+        seed = torch.softmax(torch.randn(batch, heads, 16, context, device=device), dim=-1)
+        for j in range(layers):
+            method.observe_prefill(state, j, seed, valid[:, :context])
+
+        def step(state: Any = state, method: Any = method, valid: Any = valid) -> None:
+            for j in range(layers):  # the same step again: the window stays full
+                sel = method.select(state, j, valid)
+                width = sel.indices.shape[-1]
+                probs = torch.full((valid.shape[0], heads, 1, width), 1.0 / width,
+                                   device=device)
+                method.observe(state, j, probs, sel)
+
+        per_step.append(timer.best_s(step) / layers)
+    (b0, n0), (b1, n1) = SELECTION_POINTS
+    slope = max(0.0, (per_step[1] - per_step[0]) / (b1 * n1 - b0 * n0))
+    return {"selection_overhead_s": max(0.0, per_step[0] - slope * b0 * n0),
+            "selection_s_per_token": slope}
+
+
 def _linear_rate(timer: _Timer, x: Any, weights: list[Any]) -> float:
     """FLOP/s of x @ W.T (torch's Linear layout) over each weight in turn."""
     def run() -> None:
@@ -196,7 +237,8 @@ def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> di
     out: dict[str, Any] = dict(
         gpu_gemm_flops_per_s=_gemm_rate(torch, timer, device, dtype, big, big, big),
         gpu_skinny_flops_per_s=rate[(16, GEMM_TABLE_INNER[-1])], gemm_flops_table=table,
-        layer_overhead_s=_layer_overhead_s(torch, timer, device, dtype))
+        layer_overhead_s=_layer_overhead_s(torch, timer, device, dtype),
+        **_selection_costs(torch, timer, device))
     if cuda:
         pinned = torch.empty(64 * MIB, dtype=torch.uint8).pin_memory()
         dev_a = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")

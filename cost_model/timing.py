@@ -38,6 +38,10 @@ Step time, whole block (``num_gpu_batches`` GPU batches) and all layers, overlap
     (``shared_lanes``)
     T_step   = L * (T_iter(k=0) + (nb - 1) * T_iter(k>0)) + T_head
 
+A sparse step also pays for choosing its tokens (``_selection_s``: the profile's measured
+select + observe cost of SWA, fixed plus per cached token), on the compute chain: on a CPU it
+can outweigh the attention the sparsity saves.
+
 The delegated attention sits inside the layer's compute chain (the MLP needs the merged
 output), so it adds to the GPU time rather than overlapping it; the host memory lane bounds the
 CPU attention and the DMA engines that read and write the same DRAM.
@@ -207,6 +211,16 @@ def _cpu_attention_s_per_token(spec: ModelSpec, hw: HardwareProfile, knobs: Knob
     return max(touched / hw.cpu_mem_bytes_per_s, flops / hw.cpu_flops_per_s)
 
 
+def _selection_s(hw: HardwareProfile, knobs: Knobs, num_tokens: float) -> float:
+    """A sparse step's token selection for one layer and GPU batch, on the compute chain:
+    the profile's fixed part plus its part per sequence per cached token (the method scores
+    the whole context to pick from it). Dense steps select nothing."""
+    if knobs.sparsity_method == "dense" or knobs.sparsity <= 0:
+        return 0.0
+    return (hw.selection_overhead_s
+            + knobs.gpu_batch_size * num_tokens * hw.selection_s_per_token)
+
+
 def _head(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs) -> dict:
     """The lm_head for one step, per GPU batch. The runtime keeps the globals (embeddings,
     final norm, lm_head) on the device whatever ``wg`` is, so none of them is loaded."""
@@ -246,7 +260,8 @@ def decode_step_cost(spec: ModelSpec, hw: HardwareProfile, knobs: Knobs, num_tok
     recompute = beta * (costs.recompute_flops(spec, rows)
                         / hw.gemm_flops_per_s(rows, spec.hidden_size))
     cpu = delegated * (b * sel * _cpu_attention_s_per_token(spec, hw, knobs))
-    gpu = attn + recompute + gemm + _elementwise_s(spec, hw, b) + hw.layer_overhead_s
+    gpu = (attn + recompute + gemm + _elementwise_s(spec, hw, b) + hw.layer_overhead_s
+           + _selection_s(hw, knobs, num_tokens))
     return StepCost(**_layer_weights(spec, hw, knobs), h2d_bytes=h2d, d2h_bytes=d2h,
                     gpu_s=gpu, cpu_s=cpu,
                     recomputed_tokens=beta * rows, **_head(spec, hw, knobs))

@@ -216,3 +216,21 @@ def test_lp_is_optimal_against_a_grid_and_bound():
         est = estimate(spec, hw, k, w, dict(wg=wg, hg=hg, alpha=alpha, beta=beta))
         if not est.violations:
             assert est.prefill_s + est.decode_s >= lp_time * (1 - 1e-6)
+
+
+def test_sparse_steps_pay_the_profiled_selection_cost():
+    """A sparse step's compute grows by exactly the profile's fixed selection cost plus its
+    per-token part times the GPU batch's sequences and the context; a dense step's does not."""
+    spec = make_spec()
+    free, priced = make_hw(), make_hw(selection_overhead_s=3e-5, selection_s_per_token=2e-8)
+    placement = {"wg": 0.5, "hg": 1.0, "alpha": 0.5, "beta": 0.0}
+    sparse = make_knobs(sparsity_method="swa", sparsity=0.8, gpu_batch_size=4)
+    for context in (17.0, 200.0):
+        extra = (decode_step_cost(spec, priced, sparse, context, 2).gpu_s.value(placement)
+                 - decode_step_cost(spec, free, sparse, context, 2).gpu_s.value(placement))
+        assert extra == pytest.approx(3e-5 + 4 * context * 2e-8)
+    for dense in (make_knobs(gpu_batch_size=4), make_knobs(sparsity_method="swa", sparsity=0.0)):
+        assert (decode_step_cost(spec, priced, dense, 200.0, 2).gpu_s.value(placement)
+                == decode_step_cost(spec, free, dense, 200.0, 2).gpu_s.value(placement))
+    with pytest.raises(ValueError, match="selection_s_per_token"):
+        make_hw(selection_s_per_token=-1e-9)
