@@ -127,24 +127,43 @@ def take_rows(t: Tensor, batch_idx: Tensor, head_idx: Tensor, slot_idx: Tensor) 
     starts at a multiple of the slot stride, as in any slice of a contiguous buffer): that
     copies whole rows and ran 2-3x faster here than advanced indexing, which it falls back to.
     """
-    b, h, s = torch.broadcast_tensors(batch_idx, head_idx, slot_idx)
-    if t.dim() != 4 or t.numel() == 0 or s.numel() == 0 or t.stride(3) != 1:
+    flat = _flat_rows(t, batch_idx, head_idx, slot_idx)
+    if flat is None:
+        b, h, s = torch.broadcast_tensors(batch_idx, head_idx, slot_idx)
         return t[b, h, s]
+    return _read_rows(t, *flat)
+
+
+def _flat_rows(t: Tensor, batch_idx: Tensor, head_idx: Tensor, slot_idx: Tensor
+               ) -> tuple[Tensor, tuple[int, ...]] | None:
+    """For ``take_rows``: the index of each selected (b, h, s) row among the (·, X) rows of
+    t's storage, flat, and the broadcast index shape; None where t's strides do not allow it
+    (or there is nothing to read)."""
+    if t.dim() != 4 or t.numel() == 0 or t.stride(3) != 1:
+        return None
     sb, sh, ss = t.stride(0), t.stride(1), t.stride(2)
     if ss < t.shape[3] or sb % ss or sh % ss:
-        return t[b, h, s]
+        return None
+    flat = batch_idx * (sb // ss) + head_idx * (sh // ss) + slot_idx  # the broadcast shape
+    if flat.numel() == 0:
+        return None
+    return flat.reshape(-1), tuple(flat.shape)
+
+
+def _read_rows(t: Tensor, rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The (·, X) rows ``rows`` of t's storage (from ``_flat_rows``), as (*shape, X)."""
+    sb, sh, ss = t.stride(0), t.stride(1), t.stride(2)
     num_rows = ((t.shape[0] - 1) * sb + (t.shape[1] - 1) * sh) // ss + t.shape[2]
-    rows = t.as_strided((num_rows, t.shape[3]), (ss, 1))  # every (b, h, s) row of t's storage
-    flat = (b * (sb // ss) + h * (sh // ss) + s).reshape(-1)
-    return rows.index_select(0, flat).view(*s.shape, t.shape[3])
-
-
+    every = t.as_strided((num_rows, t.shape[3]), (ss, 1))  # every (b, h, s) row of t's storage
+    return every.index_select(0, rows).view(*shape, t.shape[3])
 def gather_kv(k: Tensor, v: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Gather the selected token slots of K and V.
 
     k, v: (B, Hkv, S, D); indices: long (B, K) per sequence, or (B, Hsel, K) with Hsel in
     {1, Hkv} (one selection shared by the KV heads, or one per KV head).
     Returns k_sel, v_sel: (B, Hkv, K, D). Reads only the selected rows (no expanded index).
+    K and V of one cache share their layout, so the flat row index is built once for both
+    (for SmolLM2's shapes at batch 16, 46 instead of 132 us per layer here).
     """
     batch, num_kv_heads = k.shape[0], k.shape[1]
     if indices.dim() == 2:
@@ -155,8 +174,12 @@ def gather_kv(k: Tensor, v: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         )
     batch_idx = torch.arange(batch, device=k.device)[:, None, None]  # (B, 1, 1)
     head_idx = torch.arange(num_kv_heads, device=k.device)[None, :, None]  # (1, Hkv, 1)
-    return (take_rows(k, batch_idx, head_idx, indices),
-            take_rows(v, batch_idx, head_idx, indices))  # (B, Hkv, K, D)
+    flat = _flat_rows(k, batch_idx, head_idx, indices)
+    if flat is None or v.shape != k.shape or v.stride() != k.stride():
+        return (take_rows(k, batch_idx, head_idx, indices),
+                take_rows(v, batch_idx, head_idx, indices))  # (B, Hkv, K, D)
+    rows, shape = flat
+    return _read_rows(k, rows, shape), _read_rows(v, rows, shape)
 
 
 def attention_probs(

@@ -125,6 +125,23 @@ def test_gather_kv_shared_and_per_kv_head_selections() -> None:
         gather_kv(k, v, torch.zeros(B, 3, 2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("v_layout", ["same", "other_strides"])
+def test_gather_kv_on_cache_views(v_layout: str) -> None:
+    """K, V as the Engine passes them (slot slices of a larger cache buffer) share one flat
+    row index; a V whose strides differ from K's is gathered on its own. Both equal
+    advanced indexing."""
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 2, HKV, 50, D, generator=gen)  # (K|V, B, Hkv, max_len, D)
+    k = cache[0, :, :, :33]
+    v = cache[1, :, :, :33]
+    if v_layout == "other_strides":
+        v = torch.randn(B, 33, HKV, D, generator=gen).transpose(1, 2)
+    indices = torch.randint(0, 33, (B, 1, 9), generator=gen)
+    k_sel, v_sel = gather_kv(k, v, indices)
+    b, h = torch.arange(B)[:, None, None], torch.arange(HKV)[None, :, None]
+    assert torch.equal(k_sel, k[b, h, indices]) and torch.equal(v_sel, v[b, h, indices])
+
+
 def test_dense_selection_keeps_the_cache_layout() -> None:
     """Gathering with ``dense_selection`` rebuilds the contiguous cache's K, V at valid slots,
     in slot order, so the fused kernel sees the Engine's inputs; padding points at S-1."""
