@@ -61,8 +61,9 @@ class HardwareProfile:
     compute_dtype_bytes: int = 2  # element size the device computes and stores in (fp16: 2)
     cpu_compute_dtype_bytes: int = 4  # element size the host computes attention in (fp32: 4)
     layer_overhead_s: float = 2e-4  # fixed cost per layer per GPU batch (launches, Python dispatch)
-    # a sparse decode step's token selection (SWA's select + observe), per layer per GPU batch:
-    # a fixed part plus a part per sequence per cached token (its scores are O(context));
+    # what a sparse decode step costs beyond attending its selected tokens (SWA's select and
+    # observe, gathering the selection, attention that returns its weights), per layer per GPU
+    # batch: a fixed part plus a part per sequence per cached token (scores are O(context));
     # 0 = not counted (profiles saved before these fields existed)
     selection_overhead_s: float = 0.0
     selection_s_per_token: float = 0.0

@@ -159,21 +159,32 @@ def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> flo
 SELECTION_POINTS = ((16, 128), (16, 512))  # (sequences, cached tokens) the fit is drawn through
 
 
-def _selection_costs(torch: Any, timer: _Timer, device: str) -> dict[str, float]:
-    """SWA's token selection per layer per GPU batch: (fixed s, s per sequence per token).
+def _selection_costs(torch: Any, timer: _Timer, device: str, dtype: Any
+                     ) -> dict[str, float]:
+    """What a sparse step costs beyond attending its selected tokens, per layer per GPU
+    batch: a fixed part and a part per sequence per cached token.
 
-    Times the runtime's own method (``flexalisa.attention``, SWA at sparsity 0.8, 8 layers of
-    2 KV heads, 8 query heads) the way a decode step calls it, ``select`` then ``observe`` for
-    each layer, at the two ``SELECTION_POINTS``, and draws a line through them: the scores it
-    picks from are O(context), the rest is fixed per call. Nothing is recorded (zeros) where
-    flexalisa is not installed beside the cost model.
+    Times the runtime's own sparse path (``flexalisa.attention``: SWA at sparsity 0.8, 8 layers
+    of 2 KV heads and 8 query heads of 64 channels) as a decode step runs it for each layer:
+    ``select``, gather the selected K, V rows, attention with its weights, ``observe``. From
+    that it takes off fused dense attention over as many contiguous tokens, which the cost
+    model prices already (by the bytes read), and draws a line through the two
+    ``SELECTION_POINTS``: the scores a selection picks from are O(context), the calls' own
+    cost is fixed. Nothing is recorded (zeros) where flexalisa is not installed beside the
+    cost model.
     """
     try:
-        from flexalisa.attention import make_method
+        from flexalisa.attention import (
+            attention_with_probs,
+            dense_attention,
+            gather_kv,
+            make_method,
+        )
     except ImportError:
         return {}
-    layers, kv_heads, heads = 8, 2, 8
-    per_step = []
+    layers, kv_heads, heads, head_dim = 8, 2, 8, 64
+    timer = _Timer(timer.clock, timer.sync, timer.budget_s / 4)  # four timings share one budget
+    extra = []
     for batch, context in SELECTION_POINTS:
         method = make_method("swa", 0.8)
         state = method.init_state(batch, layers, kv_heads, context + 1, device)
@@ -181,19 +192,29 @@ def _selection_costs(torch: Any, timer: _Timer, device: str) -> dict[str, float]
         seed = torch.softmax(torch.randn(batch, heads, 16, context, device=device), dim=-1)
         for j in range(layers):
             method.observe_prefill(state, j, seed, valid[:, :context])
+        q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+        keys, values = (torch.randn(layers, batch, kv_heads, context + 1, head_dim,
+                                    device=device, dtype=dtype) for _ in range(2))
+        width = method.select(state, 0, valid).indices.shape[-1]
+        state.ahead.clear()  # the same selections again from the first layer on
 
-        def step(state: Any = state, method: Any = method, valid: Any = valid) -> None:
+        def sparse(state: Any = state, method: Any = method, valid: Any = valid, q: Any = q,
+                   keys: Any = keys, values: Any = values) -> None:
             for j in range(layers):  # the same step again: the window stays full
                 sel = method.select(state, j, valid)
-                width = sel.indices.shape[-1]
-                probs = torch.full((valid.shape[0], heads, 1, width), 1.0 / width,
-                                   device=device)
+                k_sel, v_sel = gather_kv(keys[j], values[j], sel.indices)
+                _, probs = attention_with_probs(q, k_sel, v_sel, sel.attention_mask)
                 method.observe(state, j, probs, sel)
 
-        per_step.append(timer.best_s(step) / layers)
+        def dense(q: Any = q, keys: Any = keys, values: Any = values, width: int = width,
+                  mask: Any = valid[:, None, :width]) -> None:
+            for j in range(layers):
+                dense_attention(q, keys[j, :, :, :width], values[j, :, :, :width], mask)
+
+        extra.append(max(0.0, timer.best_s(sparse) - timer.best_s(dense)) / layers)
     (b0, n0), (b1, n1) = SELECTION_POINTS
-    slope = max(0.0, (per_step[1] - per_step[0]) / (b1 * n1 - b0 * n0))
-    return {"selection_overhead_s": max(0.0, per_step[0] - slope * b0 * n0),
+    slope = max(0.0, (extra[1] - extra[0]) / (b1 * n1 - b0 * n0))
+    return {"selection_overhead_s": max(0.0, extra[0] - slope * b0 * n0),
             "selection_s_per_token": slope}
 
 
@@ -238,7 +259,7 @@ def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> di
         gpu_gemm_flops_per_s=_gemm_rate(torch, timer, device, dtype, big, big, big),
         gpu_skinny_flops_per_s=rate[(16, GEMM_TABLE_INNER[-1])], gemm_flops_table=table,
         layer_overhead_s=_layer_overhead_s(torch, timer, device, dtype),
-        **_selection_costs(torch, timer, device))
+        **_selection_costs(torch, timer, device, dtype))
     if cuda:
         pinned = torch.empty(64 * MIB, dtype=torch.uint8).pin_memory()
         dev_a = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")

@@ -38,8 +38,9 @@ Step time, whole block (``num_gpu_batches`` GPU batches) and all layers, overlap
     (``shared_lanes``)
     T_step   = L * (T_iter(k=0) + (nb - 1) * T_iter(k>0)) + T_head
 
-A sparse step also pays for choosing its tokens (``_selection_s``: the profile's measured
-select + observe cost of SWA, fixed plus per cached token), on the compute chain: on a CPU it
+A sparse step also pays for choosing and gathering its tokens (``_selection_s``: what the
+profile measured SWA's select, gather, attention with weights and observe to cost beyond dense
+attention over as many tokens, fixed plus per cached token), on the compute chain: on a CPU it
 can outweigh the attention the sparsity saves.
 
 The delegated attention sits inside the layer's compute chain (the MLP needs the merged
@@ -212,9 +213,10 @@ def _cpu_attention_s_per_token(spec: ModelSpec, hw: HardwareProfile, knobs: Knob
 
 
 def _selection_s(hw: HardwareProfile, knobs: Knobs, num_tokens: float) -> float:
-    """A sparse step's token selection for one layer and GPU batch, on the compute chain:
-    the profile's fixed part plus its part per sequence per cached token (the method scores
-    the whole context to pick from it). Dense steps select nothing."""
+    """A sparse step's selection work for one layer and GPU batch, beyond attending the
+    selected tokens (which ``decode_step_cost`` prices by their bytes): the profile's fixed
+    part plus its part per sequence per cached token (the method scores the whole context to
+    pick from it). Dense steps select nothing."""
     if knobs.sparsity_method == "dense" or knobs.sparsity <= 0:
         return 0.0
     return (hw.selection_overhead_s
