@@ -13,9 +13,10 @@ Derating rules, applied to every preset alike:
 * Host: ``cpu_flops = cores x GHz x fp32 FLOP/cycle x 0.5`` (AVX2 2xFMA: 32, AVX-512 2xFMA: 64;
   half of peak for torch's CPU kernels); ``cpu_mem_bytes_per_s = channels x MT/s x 8 B x 0.6``.
 * ``layer_overhead_s = 2e-4``: ~20 kernel launches of ~10 us per layer from Python.
-* ``selection_overhead_s = 2.5e-4``: a sparse step's select, gather, weighted attention and
-  observe, ~25 launches of ~10 us per layer; its per-token part (a few bytes of scores per
-  token) is left at 0 on a GPU.
+* ``selection_overhead_s`` and ``selection_s_per_token`` stay 0: what a sparse step's select,
+  gather and observe cost on a GPU, beyond its attention, has not been measured here (no GPU
+  was lent), and how much of their ~25 launches per layer hides behind device work is not
+  known from the specs. ``python -m cost_model profile`` on the GPU machine measures both.
 
 Sources: NVIDIA data sheets (T4, V100, A100, H100, Ada/RTX 4090 whitepaper), Intel ARK / AMD
 product pages for the hosts, NVIDIA DGX-1 / DGX A100 / DGX H100 user guides for the host specs,
@@ -67,8 +68,7 @@ def _gpu(name: str, mem_gb: int, peak_tflops: float, mem_gbps: float,
 
 
 def _preset(key: str, gpu: dict, host: dict, link: dict) -> HardwareProfile:
-    return HardwareProfile(name=key, device_kind="cuda", selection_overhead_s=2.5e-4, **gpu,
-                           **host, **link)
+    return HardwareProfile(name=key, device_kind="cuda", **gpu, **host, **link)
 
 
 HARDWARE_PRESETS: dict[str, HardwareProfile] = {
