@@ -76,17 +76,10 @@ def placement_from_args(args: argparse.Namespace):
 
 def make_sparsity_method(args: argparse.Namespace):
     """The attention method the flags describe; None for dense."""
-    from flexalisa.attention import make_method
+    from flexalisa.api import method_from_flags
 
-    if args.sparsity_method == "dense":
-        if args.sparsity:
-            raise FlexalisaError("--sparsity needs a --sparsity-method other than dense")
-        return None
-    try:
-        return make_method(args.sparsity_method, args.sparsity, per_kv_head=args.per_kv_head,
-                           query_channels=args.query_channels)
-    except ValueError as exc:
-        raise FlexalisaError(str(exc)) from None
+    return method_from_flags(args.sparsity_method, args.sparsity, args.per_kv_head,
+                             args.query_channels)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

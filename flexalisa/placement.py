@@ -62,10 +62,11 @@ def hardware_profile(req: PlacementRequest) -> HardwareProfile:
         raise FlexalisaError(f"--hardware {req.hardware!r}: {exc}") from None
 
 
-def policy_from_file(req: PlacementRequest, spec: ModelSpec, work: Workload
-                     ) -> tuple[Policy, Prediction | None]:
-    """``--policy``'s Policy and, when ``--hardware`` names a preset or profile file, the cost
-    model's prediction for it (measuring this machine just to price it is not worth 15 s)."""
+def policy_from_file(req: PlacementRequest, spec: ModelSpec, work: Workload,
+                     hw: HardwareProfile | None = None) -> tuple[Policy, Prediction | None]:
+    """``--policy``'s Policy and, when ``--hardware`` names a preset or profile file (or ``hw``
+    is that profile, loaded), the cost model's prediction for it (measuring this machine just
+    to price it is not worth 15 s)."""
     assert req.policy_path is not None
     try:
         policy = Policy.load(req.policy_path)
@@ -73,14 +74,16 @@ def policy_from_file(req: PlacementRequest, spec: ModelSpec, work: Workload
         raise FlexalisaError(f"--policy {req.policy_path}: {exc}") from None
     if req.hardware == "local":
         return policy, None
-    return policy, predict(spec, hardware_profile(req), policy, work.prompt_len, work.gen_len)
+    return policy, predict(spec, hw or hardware_profile(req), policy, work.prompt_len,
+                           work.gen_len)
 
 
-def make_generator(req: PlacementRequest, weights, device: str, method, work: Workload):
+def make_generator(req: PlacementRequest, weights, device: str, method, work: Workload,
+                   hw: HardwareProfile | None = None):
     """(generator, policy, prediction): the Engine, or an OffloadRunner when a policy or budget
     is requested, unless the searched policy puts everything on the device (then the Engine).
     A policy file always runs on the OffloadRunner. The policy's own sparsity wins; conflicting
-    flags are refused."""
+    flags are refused. ``hw``: ``hardware_profile(req)`` when the caller already has it."""
     from flexalisa.engine import Engine
 
     if not req.offload:
@@ -92,7 +95,7 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
     # the runtime's memory plan is checked at the job's longest prompt and generation
     prompts, limits = [[0] * work.prompt_len] * work.batch, [work.gen_len] * work.batch
     if req.policy_path is not None:
-        policy, prediction = policy_from_file(req, weights.spec, work)
+        policy, prediction = policy_from_file(req, weights.spec, work, hw)
         _check_sparsity(method, policy)
         runner = _runner(weights, device, policy, gpu, cpu)
         try:
@@ -106,7 +109,7 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
 
     space = SearchSpace(batch_sizes=(work.batch,), sparsity_methods=(work.sparsity_method,),
                         sparsities=(work.sparsity,) if work.sparsity else (0.0,))
-    result, runner, searched_bytes = fitting_search(weights, hardware_profile(req), prompts,
+    result, runner, searched_bytes = fitting_search(weights, hw or hardware_profile(req), prompts,
                                                     limits, space, device, gpu, cpu)
     note = (f" (searched as if the device had {format_bytes(searched_bytes)}, so that the "
             f"runtime's own plan fits)" if gpu is not None and searched_bytes < gpu else "")

@@ -49,7 +49,7 @@ def test_rerun_skips_finished_ids(tiny_chat_model, tmp_path, capsys, monkeypatch
     assert report["ids_already_done"] == 4 and report["stats"]["num_prompts"] == 3
 
     before = {name: (tmp_path / name).read_text() for name in ("out.jsonl", "report.json")}
-    monkeypatch.setattr("flexalisa.generate_job.load_model", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr("flexalisa.api.load_model", lambda *a: pytest.fail("loaded"))
     code, out = run(tiny_chat_model, tmp_path, PROMPTS)  # all done: no model, report kept
     assert code == 0 and "nothing to do: all 7 ids" in capsys.readouterr().err
     assert {name: (tmp_path / name).read_text() for name in before} == before

@@ -1,0 +1,226 @@
+"""The Python API, flexalisa's counterpart of vLLM's offline ``LLM``: load a model once, then
+generate for lists of prompts.
+
+    from flexalisa import LLM, SamplingParams
+
+    llm = LLM()                                   # the embedded SmolLM2, all on the CPU
+    for c in llm.generate(["The capital of France is"], max_new_tokens=16):
+        print(c.text, c.finish_reason)
+
+    llm = LLM(sparsity_method="swa", sparsity=0.8, gpu_mem="300MiB")   # offloaded, ALISA's SWA
+
+Budgets, ``policy`` or ``auto_policy`` run the offloading runtime with the policy the cost model
+searched (or the one given), exactly as ``flexalisa generate`` does; ``flexalisa generate`` is
+this class plus JSONL files, resume and a report (``generate_job.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexalisa.attention import SparsityMethod, make_method
+from flexalisa.errors import FlexalisaError, JobInputError
+from flexalisa.jobs import plan_batches
+from flexalisa.models import load_model
+from flexalisa.placement import PlacementRequest, Workload, hardware_profile, make_generator
+from flexalisa.report import RunStats, merge_extras
+from flexalisa.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # the generated text (special tokens such as EOS decoded away)
+    token_ids: list[int]  # generated ids, EOS included when it ended the row
+    prompt_tokens: int  # tokens of the prompt as fed to the model (after any chat template)
+    finish_reason: str  # "stop" (EOS) or "length" (token limit or end of the context)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def method_from_flags(name: str = "dense", sparsity: float = 0.0, per_kv_head: bool = False,
+                      query_channels: int = 0) -> SparsityMethod | None:
+    """The attention method ``name`` at ``sparsity``; None for dense attention."""
+    if name == "dense":
+        if sparsity or per_kv_head or query_channels:
+            raise FlexalisaError("--sparsity needs a --sparsity-method other than dense (as do "
+                                 "--per-kv-head and --query-channels)")
+        return None
+    try:
+        return make_method(name, sparsity, per_kv_head=per_kv_head,
+                           query_channels=query_channels)
+    except ValueError as exc:
+        raise FlexalisaError(str(exc)) from None
+
+
+class LLM:
+    """A loaded model and where it runs; ``generate`` batches prompts through it.
+
+    Errors (unknown model paths, corrupt checkpoints, prompts longer than the context, budgets
+    no placement fits) raise ``flexalisa.errors.FlexalisaError`` with a one-line message.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "cpu",
+                 sparsity_method: str = "dense", sparsity: float = 0.0,
+                 per_kv_head: bool = False, batch_size: int = 16,
+                 gpu_mem: str | None = None, cpu_mem: str | None = None,
+                 policy: str | Path | None = None, auto_policy: bool = False,
+                 hardware: str = "local") -> None:
+        """``model``: HF checkpoint dir or .gguf (None = the embedded SmolLM2-135M);
+        ``batch_size``: prompts per batch (a policy's own batch wins); ``gpu_mem``/``cpu_mem``:
+        budgets with units ("512MiB"), enforced on a CPU-only machine too; ``policy``: a
+        policy.json; ``auto_policy``: search one with the cost model on ``hardware`` (a preset,
+        a hw.json, or "local": measure this machine once, ~15 s)."""
+        placement = PlacementRequest(policy_path=Path(policy) if policy else None,
+                                     auto_policy=auto_policy, hardware=hardware,
+                                     gpu_mem=gpu_mem, cpu_mem=cpu_mem)
+        method = method_from_flags(sparsity_method, sparsity, per_kv_head)
+        self._setup(model, device, method, placement, batch_size)
+
+    @classmethod
+    def from_parts(cls, model: str | Path | None, device: str, method: SparsityMethod | None,
+                   placement: PlacementRequest, batch_size: int) -> LLM:
+        """As the constructor, for callers that already built the method and placement."""
+        llm = cls.__new__(cls)
+        llm._setup(model, device, method, placement, batch_size)
+        return llm
+
+    def _setup(self, model, device: str, method: SparsityMethod | None,
+               placement: PlacementRequest, batch_size: int) -> None:
+        if batch_size < 1:
+            raise FlexalisaError(f"batch_size must be >= 1, got {batch_size}")
+        self.device, self.method, self.placement = device, method, placement
+        self.batch_size = batch_size
+        self.weights, tok = load_model(model)
+        if tok is None:
+            raise FlexalisaError(f"{model}: no tokenizer.json; generating text needs one")
+        self.tokenizer = tok
+        self.stats = RunStats()  # the last generate call's throughput (FlexGen's definitions)
+        self._generator = None  # the Engine or OffloadRunner, made at the first generate
+        self._made_for: Workload | None = None  # the workload it was searched or planned for
+        self._policy = self._prediction = None
+        self._hardware = None  # the measured or loaded profile, reused by later searches
+
+    # ---- preparing a workload -------------------------------------------------------------
+    def encode(self, prompts: list[str], chat: bool = False,
+               labels: list[str] | None = None) -> list[list[int]]:
+        """Token ids per prompt; refuses empty prompts and ones that leave no room to generate.
+        ``labels`` name the prompts in errors (default "prompt <index>")."""
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(p) if chat else p for p in prompts]
+        token_lists = tok.encode_batch(texts)
+        max_len = self.weights.spec.max_seq_len
+        for i, ids in enumerate(token_lists):
+            label = labels[i] if labels else f"prompt {i}"
+            if not ids:
+                raise JobInputError(f"{label} is empty")
+            if len(ids) >= max_len:
+                raise JobInputError(f"{label} has {len(ids)} tokens; the model's context is "
+                                    f"{max_len}, leaving no room to generate")
+        return token_lists
+
+    def prepare(self, work: Workload):
+        """(generator, policy, prediction) for ``work``: the Engine, or the OffloadRunner with
+        the policy given or searched. A later workload with no longer prompts or generations
+        reuses them; a longer one is searched (or planned) again, on the same hardware
+        profile, which is measured or loaded once."""
+        if not self._fits(work):
+            self.close()
+            req = self.placement
+            if req.offload and (req.policy_path is None or req.hardware != "local"):
+                self._hardware = self._hardware or hardware_profile(req)
+            self._generator, self._policy, self._prediction = make_generator(
+                req, self.weights, self.device, self.method, work, self._hardware)
+            self._made_for = work
+        return self._generator, self._policy, self._prediction
+
+    def _fits(self, work: Workload) -> bool:
+        if self._generator is None:
+            return False
+        made = self._made_for  # batch and method are the LLM's own, so equal
+        return not self.placement.offload or (work.prompt_len <= made.prompt_len
+                                              and work.gen_len <= made.gen_len)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Prompts per batch: the policy's own batch once one was chosen, else ``batch_size``."""
+        return self._policy.batch_size if self._policy is not None else self.batch_size
+
+    def workload(self, token_lists: list[list[int]], limits: list[int]) -> Workload:
+        method = self.method
+        return Workload(batch=self.batch_size, prompt_len=max(map(len, token_lists)),
+                        gen_len=max(limits), sparsity_method=method.name if method else "dense",
+                        sparsity=method.sparsity if method else 0.0)
+
+    # ---- generating -----------------------------------------------------------------------
+    def generate(self, prompts: str | list[str], max_new_tokens: int | list[int] = 64,
+                 sampling: SamplingParams | None = None, *, ignore_eos: bool = False,
+                 chat: bool = False, progress: bool = False) -> list[Completion]:
+        """One Completion per prompt, in input order. Prompts are batched by token length;
+        ``max_new_tokens`` is one limit or one per prompt; row i's sample depends only on
+        (``sampling.seed``, i); ``chat`` wraps each prompt in the model's chat template."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            return []
+        limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+                  else list(max_new_tokens))
+        if len(limits) != len(prompts) or any(n < 1 for n in limits):
+            raise FlexalisaError(f"max_new_tokens must be >= 1, one value or one per prompt "
+                                 f"({len(prompts)}), got {max_new_tokens!r}")
+        token_lists = self.encode(prompts, chat)
+        generator, _, _ = self.prepare(self.workload(token_lists, limits))
+        self.stats = RunStats()
+        out: list[Completion | None] = [None] * len(prompts)
+        bar = _progress_bar(sum(limits)) if progress else None
+        try:
+            for batch in plan_batches(prompts, [len(t) for t in token_lists],
+                                      self.effective_batch_size):
+                done = self.run_batch(generator, [token_lists[i] for i in batch],
+                                      [limits[i] for i in batch], [json.dumps(i) for i in batch],
+                                      sampling, ignore_eos, bar.update if bar else None)
+                for i, completion in zip(batch, done):
+                    out[i] = completion
+        finally:
+            if bar is not None:
+                bar.close()
+        return out  # type: ignore[return-value]
+
+    def run_batch(self, generator, token_lists: list[list[int]], limits: list[int],
+                  keys: list[str], sampling: SamplingParams | None, ignore_eos: bool,
+                  on_tokens: Callable[[int], None] | None = None) -> list[Completion]:
+        """One batch through ``generator`` (from ``prepare``); its throughput adds to
+        ``self.stats``. ``keys`` seed each row's sampler."""
+        result = generator.generate(token_lists, limits, sampling=sampling,
+                                    ignore_eos=ignore_eos, row_keys=keys, on_tokens=on_tokens)
+        self.stats.add(len(token_lists), result.num_prompt_tokens,
+                       sum(len(t) for t in result.tokens), result.prefill_s, result.decode_s)
+        if result.extras:
+            self.stats.extras["runtime"] = merge_extras(self.stats.extras.get("runtime"),
+                                                        result.extras)
+        return [Completion(self.tokenizer.decode(tokens), tokens, len(prompt), reason)
+                for prompt, tokens, reason in zip(token_lists, result.tokens,
+                                                  result.finish_reasons)]
+
+    def close(self) -> None:
+        """Stop the offloading runner's copy threads, if one runs; generate makes a new one."""
+        close = getattr(self._generator, "close", None)
+        if close is not None:
+            close()
+        self._generator = self._made_for = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", desc="generate", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,101 @@
+"""The Python API (`flexalisa.LLM`): completions in input order equal HF transformers' greedy
+generation per prompt; offloaded runs equal on-device ones; bad input raises FlexalisaError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexalisa import LLM, SamplingParams
+from flexalisa.errors import FlexalisaError, ModelLoadError
+from policy import Policy
+
+PROMPTS = ["The module", "A much longer prompt about the built-in functions and", "x = 1"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_model):
+    with LLM(tiny_chat_model, batch_size=2) as llm:
+        yield llm
+
+
+def hf_greedy(model_dir, ids: list[int], max_new_tokens: int) -> list[int]:
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
+                         max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_completions_in_input_order_equal_hf_per_prompt(llm, tiny_chat_model):
+    limits = [6, 9, 4]
+    completions = llm.generate(PROMPTS, limits)  # batches of 2, sorted by length
+    assert len(completions) == 3
+    for prompt, limit, c in zip(PROMPTS, limits, completions):
+        ids = llm.tokenizer.encode(prompt)
+        assert c.prompt_tokens == len(ids)
+        assert c.token_ids == hf_greedy(tiny_chat_model, ids, limit)
+        assert c.text == llm.tokenizer.decode(c.token_ids)
+        assert c.completion_tokens == len(c.token_ids) <= limit
+        assert c.finish_reason == ("stop" if c.token_ids[-1] == 2 else "length")
+    stats = llm.stats
+    assert stats.num_prompts == 3 and stats.generated_tokens == sum(
+        c.completion_tokens for c in completions) and stats.total_tok_s > 0
+
+
+def test_a_single_string_and_an_empty_list(llm):
+    [one] = llm.generate(PROMPTS[0], 6)
+    assert one == llm.generate(PROMPTS, 6)[0]
+    assert llm.generate([], 6) == []
+
+
+def test_sampling_is_seeded(llm):
+    def sample(seed):
+        return [c.token_ids for c in llm.generate(PROMPTS, 8, SamplingParams(1.0, 1.0, seed),
+                                                  ignore_eos=True)]
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda llm: llm.generate(["x " * 200]), "prompt 0 has"),
+    (lambda llm: llm.generate(["", "a"]), "prompt 0 is empty"),
+    (lambda llm: llm.generate(PROMPTS, [4, 4]), "one value or one per prompt (3)"),
+    (lambda llm: llm.generate(PROMPTS, 0), "max_new_tokens must be >= 1"),
+])
+def test_bad_input_raises_flexalisa_error(llm, call, message):
+    with pytest.raises(FlexalisaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(llm)
+
+
+def test_bad_construction_raises_flexalisa_error(tiny_chat_model, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(tmp_path / "nowhere")
+    with pytest.raises(FlexalisaError, match="--sparsity needs a --sparsity-method"):
+        LLM(tiny_chat_model, sparsity=0.5)
+    with pytest.raises(FlexalisaError, match="unknown sparsity method"):
+        LLM(tiny_chat_model, sparsity_method="nope", sparsity=0.5)
+    with pytest.raises(FlexalisaError, match="batch_size must be >= 1"):
+        LLM(tiny_chat_model, batch_size=0)
+
+
+def test_policy_runs_offloaded_with_the_on_device_tokens(llm, tiny_chat_model, tmp_path):
+    """A policy streaming half the layers with KV over three tiers gives the engine's greedy
+    tokens; a second call with shorter prompts reuses the runner, a longer one plans anew."""
+    path = tmp_path / "policy.json"
+    Policy(gpu_batch_size=1, num_gpu_batches=2, weights_gpu_share=0.5, weights_cpu_share=0.5,
+           kv_gpu_share=0.3, kv_cpu_share=0.5, kv_recompute_share=0.2, phase2_start_step=0,
+           phase3_start_step=0, act_gpu_share=0.5, act_cpu_share=0.5).save(path)
+    want = [c.token_ids for c in llm.generate(PROMPTS, 10, ignore_eos=True)]
+    with LLM(tiny_chat_model, policy=path) as off:
+        assert [c.token_ids for c in off.generate(PROMPTS, 10, ignore_eos=True)] == want
+        assert off.effective_batch_size == 2  # the policy's batch wins
+        assert off.stats.extras["runtime"]["tokens_recomputed"] > 0
+        runner = off.prepare(off.workload([[1] * 3], [4]))[0]
+        assert [c.token_ids for c in off.generate(PROMPTS[:1], 4, ignore_eos=True)] == [
+            want[0][:4]]
+        assert off.prepare(off.workload([[1] * 3], [4]))[0] is runner
+        off.generate(PROMPTS, 12, ignore_eos=True)
+        assert off.prepare(off.workload([[1] * 3], [4]))[0] is not runner
