@@ -9,9 +9,10 @@ Every share is a fraction in [0, 1] (never a percent). Each group of shares must
                                                            dropped + recomputed, kv_gpu_share GPU
 
 Steps are decode-step indices (0 = the first decode step; the prefill belongs to step 0's phase).
-A FlexGen-style static split is ``phase2_start_step = phase3_start_step = 0``; ``None`` lets the
-runtime derive the boundary from memory capacity. A start step at or past the last decode step
-means the phase never begins.
+A FlexGen-style static split is ``phase2_start_step = 0`` with no recompute share; ``None`` lets
+the runtime derive the boundary from memory capacity. A start step at or past the last decode
+step means the phase never begins, and so does phase III with no recompute share (its layout
+would be phase II's).
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def resolve_phase_starts(spec: ModelSpec, hw: HardwareProfile, policy: Policy,
                          workload: Workload) -> tuple[int, int]:
     """(p1, p2) with a ``None`` replaced by the last step at which the earlier phase still fits.
 
-    With no CPU share, phase II never begins; with no recompute share, phase III never begins.
+    With no CPU share, phase II never begins; with no recompute share, phase III never begins
+    (a given start included: it would only relabel phase II's steps).
     """
     steps, assignment = workload.num_decode_steps, policy_assignment(policy)
     p1, p2 = policy.phase2_start_step, policy.phase3_start_step
@@ -84,8 +85,10 @@ def resolve_phase_starts(spec: ModelSpec, hw: HardwareProfile, policy: Policy,
         while p1 < steps and _fits(spec, hw, policy_knobs(policy, p1 + 1, steps + 1), workload,
                                    assignment, 1):
             p1 += 1
-    if p2 is None:
-        p2 = steps if policy.kv_recompute_share == 0 else p1
+    if policy.kv_recompute_share == 0:  # phase III would be phase II again: it never begins
+        p2 = steps
+    elif p2 is None:
+        p2 = p1
         while p2 < steps and _fits(spec, hw, policy_knobs(policy, p1, p2 + 1), workload,
                                    assignment, 2):
             p2 += 1

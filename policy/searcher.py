@@ -6,7 +6,7 @@ ratio, KV / weight compression, CPU attention, phase starts p1, p2 on a grid). F
 throughput upper bound (``cost_model.lp.time_lower_bound``) cannot beat the best found so far, and
 candidates that cannot fit memory at any placement, so the answer is the exact best over the grid.
 
-Styles: ``"flexgen"`` = static split (p1 = p2 = 0) with no recompute tier, FlexGen's space;
+Styles: ``"flexgen"`` = static split (p1 = 0) with no recompute tier, FlexGen's space;
 ``"alisa"`` = three phases with p1, p2 from the grid {0, G/4, G/2, 3G/4, G} x {p1, (p1+G)/2, G}
 (G = decode steps; a start at G never begins). Since the grid does not depend on memory and each
 LP's feasible set only grows with memory, more memory never lowers the result.
@@ -106,10 +106,9 @@ def _to_policy(knobs: Knobs, placement: dict[str, float], workload: Workload,
     wg, hg = round(placement["wg"], 9), round(placement["hg"], 9)
     alpha, beta = round(placement["alpha"], 9), round(placement["beta"], 9)
     p1, p2 = knobs.p1, knobs.p2
-    if style == "alisa":  # a phase whose share is 0 is the phase before it: say so
-        never = workload.num_decode_steps
-        p2 = never if beta == 0 else p2
-        p1 = never if beta == 0 and alpha == 0 and not knobs.cpu_attention else p1
+    never = workload.num_decode_steps  # a phase whose share is 0 is the phase before it: say so
+    p2 = never if beta == 0 else p2
+    p1 = never if beta == 0 and alpha == 0 and not knobs.cpu_attention else p1
     return Policy(
         gpu_batch_size=knobs.gpu_batch_size, num_gpu_batches=knobs.num_gpu_batches,
         weights_gpu_share=wg, weights_cpu_share=1.0 - wg,

@@ -31,8 +31,9 @@ not a move.
 Timing within a step, for each (layer, batch): the attention of step s reads the layout of step
 s-1 plus the new tokens (still on the device); the step's *store* then applies ``moves`` (to
 tokens already stored) and places the new tokens per ``new_tokens``, giving the layout recorded
-in step s's ``TierStep``. A static FlexGen-style split is ``phase2_start_step =
-phase3_start_step = 0``: the prefill's KV is stored split.
+in step s's ``TierStep``. A static FlexGen-style split is ``phase2_start_step = 0`` with no
+recompute share: the prefill's KV is stored split. With no recompute share, phase III never
+begins, whatever its start says (its layout would be phase II's).
 
 Phase starts may be given or derived from token capacities of one store: phase II starts at
 the first decode step whose all-on-GPU layout exceeds ``gpu_capacity_tokens`` (0 when the
@@ -208,7 +209,9 @@ def resolve_phase_starts(config: TierPlanConfig) -> tuple[int, int] | DoesNotFit
         overflow = next((s for s in steps if _overflow(config, s, 1)), None)
         phase2 = never if overflow is None else decode_step_of(overflow)
     phase3 = config.phase3_start_step
-    if phase3 is None:
+    if config.kv_recompute_share == 0:  # phase III would lay out as phase II: it never begins
+        phase3 = never
+    elif phase3 is None:
         first = 0 if phase2 == 0 else phase2 + 1  # the generation step phase II starts at
         overflow = next((s for s in range(first, config.gen_len) if _overflow(config, s, 2)),
                         None)

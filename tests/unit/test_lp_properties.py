@@ -62,7 +62,9 @@ def test_result_fits_and_shares_sum_to_one(space, workload, mem):
     again = predict(SPEC, hw, p, workload[0], workload[1])
     assert again.total_tok_per_s == pytest.approx(pred.total_tok_per_s, rel=1e-9)
     if space.style == "flexgen":
-        assert p.kv_recompute_share == 0 and p.phase2_start_step == p.phase3_start_step == 0
+        never = workload[1] - 1  # the decode steps: phase III never begins
+        assert p.kv_recompute_share == 0 and p.phase3_start_step == never
+        assert p.phase2_start_step in (0, never)
 
 
 @settings(**SETTINGS)

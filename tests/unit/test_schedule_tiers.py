@@ -110,8 +110,9 @@ def test_derived_phase_starts_respect_capacities(config: TierPlanConfig) -> None
     if isinstance(plan, DoesNotFit):
         assert plan.needed_tokens > plan.capacity_tokens
         assert plan.tier.value in plan.message and str(plan.capacity_tokens) in plan.message
-        if config.phase2_start_step is None:  # derived starts keep phases I and II fitting
-            assert plan.phase == 3
+        if config.phase2_start_step is None:  # derived starts keep phases I and II fitting,
+            # unless phase III never begins (no recompute share): then phase II is the last
+            assert plan.phase == (3 if config.kv_recompute_share > 0 else 2)
         return
     for step in plan.steps:
         if gpu_cap is not None:
@@ -202,13 +203,15 @@ def test_misuse_raises_value_error(kwargs: dict) -> None:
 
 
 def test_phase_starts_are_decode_steps_and_the_prefill_joins_decode_step_0() -> None:
-    def phases(phase2: int, phase3: int) -> list[int]:
-        plan = plan_tiers(TierPlanConfig(4, 4, 0.5, 0.5, 0.0, phase2_start_step=phase2,
-                                         phase3_start_step=phase3))
+    def phases(phase2: int, phase3: int, recompute: float = 0.25) -> list[int]:
+        plan = plan_tiers(TierPlanConfig(4, 4, 0.5, 0.5 - recompute, recompute,
+                                         phase2_start_step=phase2, phase3_start_step=phase3))
         assert isinstance(plan, TierPlan)
         return [step.phase for step in plan.steps]  # prefill, decode steps 0, 1, 2
 
     assert phases(0, 0) == [3, 3, 3, 3]
+    assert phases(0, 0, recompute=0.0) == [2, 2, 2, 2]  # no recompute share: no phase III
+    assert phases(1, 2, recompute=0.0) == [1, 1, 2, 2]
     assert phases(1, 2) == [1, 1, 2, 3]
     assert phases(0, 3) == [2, 2, 2, 2]  # decode step 3 does not exist: never
     assert phases(2, 2) == [1, 1, 1, 3]
