@@ -98,7 +98,8 @@ class LLM:
         self.batch_size = batch_size
         self.weights, tok = load_model(model)
         if tok is None:
-            raise FlexalisaError(f"{model}: no tokenizer.json; generating text needs one")
+            raise FlexalisaError(f"{model}: no tokenizer (tokenizer.json, or vocab.json + "
+                                 "merges.txt); generating text needs one")
         self.tokenizer = tok
         self.stats = RunStats()  # the last generate call's throughput (FlexGen's definitions)
         self._generator = None  # the Engine or OffloadRunner, made at the first generate

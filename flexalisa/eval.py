@@ -176,7 +176,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     text = read_text(cfg.text)  # check the text before the slow model load
     weights, tok = load_model(cfg.model)
     if tok is None:
-        raise FlexalisaError(f"{cfg.model}: no tokenizer.json; eval needs a tokenizer")
+        raise FlexalisaError(f"{cfg.model}: no tokenizer (tokenizer.json, or vocab.json + "
+                             "merges.txt); eval needs one")
     if cfg.context > weights.spec.max_seq_len:
         raise FlexalisaError(f"--context {cfg.context} exceeds the model's maximum sequence "
                              f"length {weights.spec.max_seq_len}")

@@ -31,15 +31,24 @@ def default_model_path() -> Path:
     return path
 
 
+def dir_tokenizer(path: Path) -> Tokenizer | None:
+    """An HF checkpoint directory's tokenizer: tokenizer.json, else GPT-2-style vocab.json +
+    merges.txt (as OPT ships); None when it has neither."""
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(path / "tokenizer.json")
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return Tokenizer.from_vocab_merges(path)
+    return None
+
+
 def load_model(path: str | Path | None = None) -> tuple[ModelWeights, Tokenizer | None]:
-    """fp32 CPU weights plus the tokenizer (None for an HF dir without tokenizer.json)."""
+    """fp32 CPU weights plus the tokenizer (None for an HF dir without one)."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     if path.is_dir():
         weights, _ = load_hf_dir(path)
-        tok_file = path / "tokenizer.json"
-        return weights, Tokenizer.from_file(tok_file) if tok_file.is_file() else None
+        return weights, dir_tokenizer(path)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     reader = open_gguf(path)

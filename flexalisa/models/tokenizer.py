@@ -1,4 +1,5 @@
-"""Tokenizer from an HF `tokenizer.json` or from GGUF vocabulary metadata (`tokenizers` package).
+"""Tokenizer from an HF `tokenizer.json`, a GPT-2-style `vocab.json` + `merges.txt` (OPT), or GGUF
+vocabulary metadata (`tokenizers` package).
 
 For GGUF files with a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`, as SmolLM2 and
 LLaMA-3 use) we build the same `tokenizers` pipeline that `transformers` builds for that file:
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from flexalisa.errors import ModelLoadError
@@ -75,6 +76,43 @@ class Tokenizer:
         return cls(backend, template if isinstance(template, str) else None)
 
     @classmethod
+    def from_vocab_merges(cls, directory: Path) -> Tokenizer:
+        """A GPT-2-style byte-level BPE checkpoint without tokenizer.json (OPT ships this way):
+        vocab.json, merges.txt and, optionally, tokenizer_config.json (``add_prefix_space``,
+        ``add_bos_token``, the special tokens, ``added_tokens_decoder``) and
+        special_tokens_map.json. Builds the pipeline transformers builds for these files."""
+        config = {**_read_json(directory / "special_tokens_map.json"),
+                  **_read_json(directory / "tokenizer_config.json")}
+        try:
+            vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+            lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{directory}: cannot read vocab.json / merges.txt ({exc})"
+                                 ) from None
+        merges = [tuple(line.split(" ", 1)) for line in lines
+                  if line and not line.startswith("#version")]
+        if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+            raise ModelLoadError(f"{directory}: vocab.json must map tokens to ids and each "
+                                 "merges.txt line must hold two tokens")
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=bool(config.get("add_prefix_space", False)))
+        backend.decoder = decoders.ByteLevel()
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        specials = [_content(config[n]) for n in names if config.get(n)]
+        specials += [_content(t) for t in config.get("added_tokens_decoder", {}).values()
+                     if isinstance(t, dict) and t.get("special", True)]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in dict.fromkeys(specials)])
+        if config.get("add_bos_token") and config.get("bos_token"):
+            bos = _content(config["bos_token"])
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
+                special_tokens=[(bos, backend.token_to_id(bos))])
+        template = config.get("chat_template")
+        return cls(backend, template if isinstance(template, str) else None)
+
+    @classmethod
     def from_gguf_fields(cls, model: str, tokens: list[str], token_types: list[int],
                          merges: list[str], chat_template: str | None = None) -> Tokenizer:
         if model != "gpt2":
@@ -92,6 +130,24 @@ class Tokenizer:
 
     def to_json(self) -> str:
         return json.dumps(json.loads(self.backend.to_str()))
+
+
+def _read_json(path: Path) -> dict:
+    """An optional JSON object file: {} when it is missing; ModelLoadError when it is broken."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _content(token: str | dict) -> str:
+    """A special token as tokenizer_config.json spells it: a string or {"content": ...}."""
+    return token["content"] if isinstance(token, dict) else token
 
 
 def gguf_tokenizer_fields(reader) -> tuple[str, list[str], list[int], list[str], str | None]:

@@ -83,3 +83,38 @@ def test_chat_template_matches_hf(smollm, smollm_hf):
                                          add_generation_prompt=True)
         assert ours == ref
         assert tok.encode(ours) == hf_tok(ref, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_gpt2_style_vocab_and_merges_match_hf(tmp_path, add_bos):
+    """A checkpoint dir with vocab.json + merges.txt and no tokenizer.json, as OPT ships: the
+    SmolLM2 vocabulary written in that form, with OPT's tokenizer_config fields."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from flexalisa.models import default_model_path
+    from flexalisa.models.gguf_loader import open_gguf
+    from flexalisa.models.loader import dir_tokenizer
+    from flexalisa.models.tokenizer import CONTROL_TOKEN_TYPE, gguf_tokenizer_fields
+
+    _, tokens, types, merges, _ = gguf_tokenizer_fields(open_gguf(default_model_path()))
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                         "normalized": False, "single_word": False}
+                for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL_TOKEN_TYPE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "add_bos_token": add_bos, "add_prefix_space": False,
+        "bos_token": {"__type": "AddedToken", "content": "<|endoftext|>"},
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "errors": "replace",
+        "added_tokens_decoder": specials}))
+    tok = dir_tokenizer(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (tok.encode("Hi")[0] == 0) == add_bos  # <|endoftext|> is id 0
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=True).input_ids, text
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
+        assert tok.decode(ids) == text.replace("<|endoftext|>", "").replace(
+            "<|im_start|>", "").replace("<|im_end|>", ""), text

@@ -95,3 +95,41 @@ def test_unsupported_gguf_architecture(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     assert "unsupported GGUF architecture 'gpt2'" in run_with_model(tmp_path, path, capsys)
+
+
+def vocab_merges_model(tiny_chat_model, tmp_path):
+    """The tiny model with its tokenizer as vocab.json + merges.txt instead of tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    model = copy_model(tiny_chat_model, tmp_path)
+    Tokenizer.from_file(str(model / "tokenizer.json")).model.save(str(model))
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}))
+    return model
+
+
+def test_vocab_and_merges_instead_of_tokenizer_json(tiny_chat_model, tmp_path):
+    from flexalisa import LLM
+
+    prompts = ["The module", "x = [1, 2]  # café", "a</s>b<pad>"]
+    with LLM(tiny_chat_model) as ref, LLM(vocab_merges_model(tiny_chat_model, tmp_path)) as llm:
+        assert llm.encode(prompts) == ref.encode(prompts)
+        assert llm.generate(prompts, 8) == ref.generate(prompts, 8)
+        assert llm.tokenizer.decode([5, 2, 0, 6]) == ref.tokenizer.decode([5, 2, 0, 6])
+
+
+@pytest.mark.parametrize("name, content", [("vocab.json", "{not json"),
+                                           ("merges.txt", "a\n"),
+                                           ("tokenizer_config.json", "[1]")])
+def test_broken_vocab_merges_tokenizer(tiny_chat_model, tmp_path, capsys, name, content):
+    model = vocab_merges_model(tiny_chat_model, tmp_path)
+    (model / name).write_text(content)
+    assert "flexalisa: error:" in run_with_model(tmp_path, model, capsys)
+
+
+def test_no_tokenizer_at_all(tiny_chat_model, tmp_path, capsys):
+    model = copy_model(tiny_chat_model, tmp_path)
+    (model / "tokenizer.json").unlink()
+    assert "no tokenizer (tokenizer.json, or vocab.json + merges.txt)" in run_with_model(
+        tmp_path, model, capsys)
