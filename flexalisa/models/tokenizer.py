@@ -1,11 +1,8 @@
 """Tokenizer from an HF `tokenizer.json`, a GPT-2-style `vocab.json` + `merges.txt` (OPT), or GGUF
 vocabulary metadata (`tokenizers` package).
 
-For GGUF files with a byte-level BPE vocabulary (`tokenizer.ggml.model == "gpt2"`, as SmolLM2 and
-LLaMA-3 use) we build the same `tokenizers` pipeline that `transformers` builds for that file:
-ByteLevel pre-tokenizer (no prefix space) and decoder, BPE over the GGUF vocab and merges, control
-tokens as special added tokens, and no BOS prepended (transformers ignores GGUF's add_bos flag).
-SentencePiece (`llama`) GGUF vocabularies are not supported yet and raise ModelLoadError.
+Each builds the `tokenizers` pipeline that `transformers` builds for the same files; the GGUF
+one lives in `gguf_tokenizer.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +14,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from flexalisa.errors import ModelLoadError
-
-CONTROL_TOKEN_TYPE = 3  # llama.cpp token type: control (special) token
+from flexalisa.models.gguf_tokenizer import GGUFVocab, gguf_backend
 
 
 class Tokenizer:
@@ -113,20 +109,9 @@ class Tokenizer:
         return cls(backend, template if isinstance(template, str) else None)
 
     @classmethod
-    def from_gguf_fields(cls, model: str, tokens: list[str], token_types: list[int],
-                         merges: list[str], chat_template: str | None = None) -> Tokenizer:
-        if model != "gpt2":
-            raise ModelLoadError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2)")
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                                         byte_fallback=False))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
-        specials = [AddedToken(t, special=True, normalized=False)
-                    for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
-        backend.add_special_tokens(specials)
-        return cls(backend, chat_template)
+    def from_gguf(cls, vocab: GGUFVocab) -> Tokenizer:
+        """A GGUF file's tokenizer (``gguf_tokenizer.gguf_vocab`` reads its metadata)."""
+        return cls(gguf_backend(vocab), vocab.chat_template)
 
     def to_json(self) -> str:
         return json.dumps(json.loads(self.backend.to_str()))
@@ -148,18 +133,3 @@ def _read_json(path: Path) -> dict:
 def _content(token: str | dict) -> str:
     """A special token as tokenizer_config.json spells it: a string or {"content": ...}."""
     return token["content"] if isinstance(token, dict) else token
-
-
-def gguf_tokenizer_fields(reader) -> tuple[str, list[str], list[int], list[str], str | None]:
-    """(model, tokens, token_types, merges, chat_template) from an open GGUFReader."""
-    def array(key: str) -> list:
-        field = reader.fields.get(key)
-        return [] if field is None else list(field.contents())
-
-    model_field = reader.fields.get("tokenizer.ggml.model")
-    if model_field is None:
-        raise ModelLoadError("GGUF file has no tokenizer metadata")
-    template = reader.fields.get("tokenizer.chat_template")
-    return (model_field.contents(), array("tokenizer.ggml.tokens"),
-            array("tokenizer.ggml.token_type"), array("tokenizer.ggml.merges"),
-            template.contents() if template is not None else None)

@@ -94,10 +94,11 @@ def test_gpt2_style_vocab_and_merges_match_hf(tmp_path, add_bos):
     transformers = pytest.importorskip("transformers")
     from flexalisa.models import default_model_path
     from flexalisa.models.gguf_loader import open_gguf
+    from flexalisa.models.gguf_tokenizer import CONTROL_TOKEN_TYPE, gguf_vocab
     from flexalisa.models.loader import dir_tokenizer
-    from flexalisa.models.tokenizer import CONTROL_TOKEN_TYPE, gguf_tokenizer_fields
 
-    _, tokens, types, merges, _ = gguf_tokenizer_fields(open_gguf(default_model_path()))
+    vocab = gguf_vocab(open_gguf(default_model_path()))
+    tokens, types, merges = vocab.tokens, vocab.token_types, vocab.merges
     (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     specials = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
@@ -118,3 +119,55 @@ def test_gpt2_style_vocab_and_merges_match_hf(tmp_path, add_bos):
         assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
         assert tok.decode(ids) == text.replace("<|endoftext|>", "").replace(
             "<|im_start|>", "").replace("<|im_end|>", ""), text
+
+
+def write_vocab_gguf(path, pre: str, add_bos: bool, extra_user_defined: tuple[str, ...]):
+    """The SmolLM2 vocabulary in a GGUF of its own, with another pre-tokenizer family, BOS
+    flag and user-defined tokens (tokenizer metadata and one tensor, no model)."""
+    import gguf
+    import numpy as np
+
+    from flexalisa.models import default_model_path
+    from flexalisa.models.gguf_loader import open_gguf
+    from flexalisa.models.gguf_tokenizer import USER_DEFINED_TOKEN_TYPE, gguf_vocab
+
+    vocab = gguf_vocab(open_gguf(default_model_path()))
+    tokens = vocab.tokens + list(extra_user_defined)
+    types = vocab.token_types + [USER_DEFINED_TOKEN_TYPE] * len(extra_user_defined)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(vocab.merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(add_bos)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("pre, add_bos", [("llama-bpe", True), ("qwen2", False),
+                                          ("gpt-4o", False), ("smollm", True)])
+def test_gguf_pre_tokenizer_families_bos_and_user_tokens_match_hf(tmp_path, pre, add_bos):
+    """LLaMA-3-, Qwen2- and GPT-4o-style splits, add_bos_token and user-defined tokens, as
+    transformers reads them from the same GGUF."""
+    transformers = pytest.importorskip("transformers")
+    from flexalisa.models.gguf_loader import open_gguf
+    from flexalisa.models.gguf_tokenizer import gguf_vocab
+    from flexalisa.models.tokenizer import Tokenizer
+
+    path = tmp_path / "vocab.gguf"
+    write_vocab_gguf(path, pre, add_bos, ("<think>", "</think>"))
+    tok = Tokenizer.from_gguf(gguf_vocab(open_gguf(path)))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = TEXTS + ["<think>why</think> 12345678 don't   stop\n\n  x", "HTTPServer's URLs"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=True).input_ids, (pre, text)
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), (pre, text)
+    assert (tok.encode("Hi")[0] == 1) == add_bos
+    assert tok.encode("<think>")[-1] == 49152
