@@ -10,8 +10,13 @@ pipeline transformers builds for the same file, token for token:
 * control tokens (type 3) as special tokens, user-defined ones (type 4) as plain added tokens;
 * BOS / EOS added as ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say.
 
-SentencePiece vocabularies (``llama``: LLaMA-2, Mistral) are not supported and raise
-ModelLoadError.
+SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``: LLaMA-1/2, Mistral, TinyLlama)
+get transformers' ``LlamaTokenizer`` pipeline: BPE with byte fallback over the vocabulary, with
+merges from the file or, as such files usually have none, rebuilt from the token scores
+(``sentencepiece_merges``); spaces as "▁" with one prepended to the text; BOS added unless the
+file says otherwise. Other models (``t5``, Gemma's) raise ModelLoadError.
+
+The named special tokens (BOS, EOS, unknown, padding) are special in both.
 """
 
 from __future__ import annotations
@@ -51,10 +56,13 @@ class GGUFVocab:
     tokens: list[str]  # the vocabulary, by id
     token_types: list[int]  # llama.cpp token type per id (3 = control, 4 = user-defined)
     merges: list[str]  # "left right" per merge, best first
+    scores: list[float] = ()  # SentencePiece piece scores, by id (merges are rebuilt from them)
     pre: str | None = None  # tokenizer.ggml.pre: the pre-tokenizer family
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    add_bos_token: bool = False  # prepend BOS when encoding
+    unk_token_id: int | None = None
+    pad_token_id: int | None = None
+    add_bos_token: bool = False  # prepend BOS when encoding (files of SentencePiece: default True)
     add_eos_token: bool = False  # append EOS when encoding
     chat_template: str | None = None  # Jinja source, if the file has one
 
@@ -70,10 +78,13 @@ def gguf_vocab(reader) -> GGUFVocab:
         raise ModelLoadError("GGUF file has no tokenizer metadata")
     return GGUFVocab(model=model, tokens=list(value("ggml.tokens", [])),
                      token_types=list(value("ggml.token_type", [])),
-                     merges=list(value("ggml.merges", [])), pre=value("ggml.pre"),
+                     merges=list(value("ggml.merges", [])),
+                     scores=list(value("ggml.scores", [])), pre=value("ggml.pre"),
                      bos_token_id=value("ggml.bos_token_id"),
                      eos_token_id=value("ggml.eos_token_id"),
-                     add_bos_token=bool(value("ggml.add_bos_token", False)),
+                     unk_token_id=value("ggml.unknown_token_id"),
+                     pad_token_id=value("ggml.padding_token_id"),
+                     add_bos_token=bool(value("ggml.add_bos_token", model == "llama")),
                      add_eos_token=bool(value("ggml.add_eos_token", False)),
                      chat_template=value("chat_template"))
 
@@ -93,10 +104,64 @@ def byte_alphabet() -> dict[int, str]:
 
 
 def gguf_backend(vocab: GGUFVocab) -> HFTokenizer:
-    """The `tokenizers` pipeline for a byte-level BPE GGUF vocabulary (see the module doc)."""
-    if vocab.model != "gpt2":
-        raise ModelLoadError(f"unsupported GGUF tokenizer model {vocab.model!r} (supported: gpt2, "
-                             "byte-level BPE; SentencePiece 'llama' vocabularies are not)")
+    """The `tokenizers` pipeline for a GGUF vocabulary (see the module doc)."""
+    if vocab.model == "gpt2":
+        backend = _byte_level_backend(vocab)
+    elif vocab.model == "llama":
+        backend = _sentencepiece_backend(vocab)
+    else:
+        raise ModelLoadError(f"unsupported GGUF tokenizer model {vocab.model!r} (supported: "
+                             "gpt2, byte-level BPE; llama, SentencePiece BPE)")
+    named = [_token(vocab, i) for i in (vocab.bos_token_id, vocab.eos_token_id,
+                                        vocab.unk_token_id, vocab.pad_token_id)]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in dict.fromkeys(named) if t is not None])
+    _add_bos_eos(backend, vocab)
+    return backend
+
+
+def _token(vocab: GGUFVocab, token_id: int | None) -> str | None:
+    ok = token_id is not None and 0 <= token_id < len(vocab.tokens)
+    return vocab.tokens[token_id] if ok else None
+
+
+def _sentencepiece_backend(vocab: GGUFVocab) -> HFTokenizer:
+    ids = {token: i for i, token in enumerate(vocab.tokens)}
+    if vocab.merges:
+        pairs = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    elif len(vocab.scores) == len(vocab.tokens):
+        pairs = sentencepiece_merges(ids, dict(zip(vocab.tokens, vocab.scores)))
+    else:
+        raise ModelLoadError("SentencePiece GGUF vocabulary has neither merges nor scores")
+    backend = HFTokenizer(models.BPE(vocab=ids, merges=pairs, fuse_unk=True, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                     split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(vocab.tokens, vocab.token_types)
+                                if kind == CONTROL_TOKEN_TYPE])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in zip(vocab.tokens, vocab.token_types)
+                        if kind == USER_DEFINED_TOKEN_TYPE])
+    return backend
+
+
+def sentencepiece_merges(ids: dict[str, int], scores: dict[str, float]
+                         ) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces
+    of the vocabulary, ranked by the whole piece's score (best first), then by the halves'
+    lengths, longest first; ties keep the vocabulary's order (transformers' rule)."""
+    merges = []
+    for piece, score in scores.items():
+        halves = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+        local = [(left, right, score) for left, right in halves if left in ids and right in ids]
+        merges.extend(sorted(local, key=lambda m: (ids[m[0]], ids[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _byte_level_backend(vocab: GGUFVocab) -> HFTokenizer:
     spelling = byte_alphabet()
     alphabet = set(spelling.values())
 
@@ -122,17 +187,12 @@ def gguf_backend(vocab: GGUFVocab) -> HFTokenizer:
                                 if kind == CONTROL_TOKEN_TYPE and set(t) <= alphabet])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in kinds
                         if kind == USER_DEFINED_TOKEN_TYPE and t in ids])
-    _add_bos_eos(backend, vocab)
     return backend
 
 
 def _add_bos_eos(backend: HFTokenizer, vocab: GGUFVocab) -> None:
-    def token(token_id: int | None) -> str | None:
-        return vocab.tokens[token_id] if token_id is not None and 0 <= token_id < len(
-            vocab.tokens) else None
-
-    bos = token(vocab.bos_token_id) if vocab.add_bos_token else None
-    eos = token(vocab.eos_token_id) if vocab.add_eos_token else None
+    bos = _token(vocab, vocab.bos_token_id) if vocab.add_bos_token else None
+    eos = _token(vocab, vocab.eos_token_id) if vocab.add_eos_token else None
     if bos is None and eos is None:
         return
     single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))

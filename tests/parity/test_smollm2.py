@@ -171,3 +171,74 @@ def test_gguf_pre_tokenizer_families_bos_and_user_tokens_match_hf(tmp_path, pre,
         assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), (pre, text)
     assert (tok.encode("Hi")[0] == 1) == add_bos
     assert tok.encode("<think>")[-1] == 49152
+
+
+def write_sentencepiece_gguf(path, num_pieces: int, add_bos: bool | None,
+                             add_space_prefix: bool):
+    """A SentencePiece-style GGUF vocabulary, as LLaMA-2 files store one: <unk>, <s>, </s>, the
+    256 byte pieces <0x00>..<0xFF>, then pieces with descending scores and no merges. The pieces
+    are SmolLM2's first byte-level tokens spelled as text, "▁" for a space."""
+    import gguf
+    import numpy as np
+
+    from flexalisa.models import default_model_path
+    from flexalisa.models.gguf_loader import open_gguf
+    from flexalisa.models.gguf_tokenizer import byte_alphabet, gguf_vocab
+
+    unspell = {c: b for b, c in byte_alphabet().items()}
+    tokens, types = ["<unk>", "<s>", "</s>"], [2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    seen = set(tokens)
+    for token in gguf_vocab(open_gguf(default_model_path())).tokens:
+        try:
+            text = bytes(unspell[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        piece = text.replace(" ", "▁")
+        if piece and piece.isprintable() and piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+            types.append(1)
+        if len(tokens) == 259 + num_pieces:
+            break
+    tokens.append("<|user|>")  # a user-defined token, matched whole
+    types.append(4)
+    scores = [0.0] * 259 + [-float(i) for i in range(num_pieces)] + [0.0]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_space_prefix(add_space_prefix)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("add_bos, add_space_prefix", [(None, True), (False, False)])
+def test_gguf_sentencepiece_vocabulary_matches_hf(tmp_path, add_bos, add_space_prefix):
+    """LLaMA-2-style GGUF vocabularies: merges rebuilt from scores, byte fallback, "▁" spaces,
+    BOS by default; as transformers reads the same file."""
+    transformers = pytest.importorskip("transformers")
+    from flexalisa.models.gguf_loader import open_gguf
+    from flexalisa.models.gguf_tokenizer import gguf_vocab
+    from flexalisa.models.tokenizer import Tokenizer
+
+    path = tmp_path / "sp.gguf"
+    write_sentencepiece_gguf(path, 3000, add_bos, add_space_prefix)
+    tok = Tokenizer.from_gguf(gguf_vocab(open_gguf(path)))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS + ["<s>a</s> <|user|>b", " x  y ", "▁literal▁marks"]:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=True).input_ids, text
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
+    assert (tok.encode("Hi")[0] == 1) == (add_bos is not False)
+    assert len(tok.encode("the")) - (add_bos is not False) == 1  # merged from scores
