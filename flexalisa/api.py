@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexalisa.attention import SparsityMethod, make_method
+from flexalisa.engine import default_dtype, resolve_device
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import plan_batches
 from flexalisa.models import load_model
@@ -96,7 +97,8 @@ class LLM:
             raise FlexalisaError(f"batch_size must be >= 1, got {batch_size}")
         self.device, self.method, self.placement = device, method, placement
         self.batch_size = batch_size
-        self.weights, tok = load_model(model)
+        # host weights in the compute dtype: a GPU run's fp16 host copy is all it keeps
+        self.weights, tok = load_model(model, default_dtype(resolve_device(device)))
         if tok is None:
             raise FlexalisaError(f"{model}: no tokenizer (tokenizer.json, or vocab.json + "
                                  "merges.txt); generating text needs one")

@@ -42,17 +42,19 @@ def load_bench_weights(cfg: BenchConfig) -> ModelWeights:
     from pathlib import Path
 
     from cost_model.presets import MODEL_ALIASES, MODEL_PRESETS
+    from flexalisa.engine import default_dtype, resolve_device
     from flexalisa.models import load_model
     from flexalisa.models.dummy import dummy_weights
 
+    dtype = default_dtype(resolve_device(cfg.device))  # the host holds no wider copy
     name = MODEL_ALIASES.get(cfg.model, cfg.model)
     if name in MODEL_PRESETS:
-        return dummy_weights(MODEL_PRESETS[name], seed=cfg.seed)
+        return dummy_weights(MODEL_PRESETS[name], seed=cfg.seed, dtype=dtype)
     if not Path(cfg.model).exists():
         raise FlexalisaError(f"--model {cfg.model!r} is neither a path nor a preset "
                              f"({', '.join(sorted(MODEL_PRESETS))})")
-    weights, _ = load_model(cfg.model)
-    return dummy_weights(weights.spec, seed=cfg.seed) if cfg.dummy_weights else weights
+    weights, _ = load_model(cfg.model, dtype)
+    return dummy_weights(weights.spec, seed=cfg.seed, dtype=dtype) if cfg.dummy_weights else weights
 
 
 def synthetic_prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[list[int]]:

@@ -25,14 +25,14 @@ def open_gguf(path: Path):  # -> gguf.GGUFReader
         raise ModelLoadError(str(exc)) from None
 
 
-def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute(w: Tensor, num_heads: int) -> Tensor:
     """Invert llama.cpp's Q/K row permutation (rows grouped per head, pairs interleaved)."""
     rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(
         w.shape)
 
 
-def _tensors(reader, path: Path) -> dict[str, Tensor]:
+def _tensors(reader, path: Path, dtype: torch.dtype) -> dict[str, Tensor]:
     from gguf import dequantize
 
     out = {}
@@ -44,17 +44,17 @@ def _tensors(reader, path: Path) -> dict[str, Tensor]:
         array = np.asarray(array, dtype=np.float32)
         if not (array.flags.writeable and array.flags.c_contiguous):
             array = array.copy()  # F32 tensors come back as read-only views of the mmap
-        out[t.name] = torch.from_numpy(array)
+        out[t.name] = torch.from_numpy(array).to(dtype)  # fp32: no copy
     return out
 
 
-def weights_from_gguf(reader, path: Path) -> ModelWeights:
-    """Dequantized fp32 weights from an open GGUFReader."""
+def weights_from_gguf(reader, path: Path, dtype: torch.dtype = torch.float32) -> ModelWeights:
+    """Weights from an open GGUFReader, dequantized (through fp32) to ``dtype``."""
     try:
         spec = presets.spec_from_gguf_reader(reader, path)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
-    t = _tensors(reader, path)
+    t = _tensors(reader, path, dtype)
 
     def take(name: str) -> Tensor:
         if name not in t:
@@ -66,12 +66,11 @@ def weights_from_gguf(reader, path: Path) -> ModelWeights:
     layers = []
     for i in range(spec.num_layers):
         b = f"blk.{i}."
-        q = _unpermute(take(b + "attn_q.weight").numpy(), spec.num_heads)
-        k = _unpermute(take(b + "attn_k.weight").numpy(), spec.num_kv_heads)
+        q = _unpermute(take(b + "attn_q.weight"), spec.num_heads)
+        k = _unpermute(take(b + "attn_k.weight"), spec.num_kv_heads)
         layers.append({
             "attn_norm_w": take(b + "attn_norm.weight"),
-            "wqkv": torch.cat([torch.from_numpy(q), torch.from_numpy(k),
-                               take(b + "attn_v.weight")]),
+            "wqkv": torch.cat([q, k, take(b + "attn_v.weight")]),
             "wo": take(b + "attn_output.weight"),
             "mlp_norm_w": take(b + "ffn_norm.weight"),
             "w_gate_up": torch.cat([take(b + "ffn_gate.weight"), take(b + "ffn_up.weight")]),

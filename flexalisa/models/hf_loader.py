@@ -77,21 +77,21 @@ def read_state_dict(model_dir: Path) -> dict[str, Tensor]:
 class _Taker:
     """Pops tensors by HF name so that leftovers can be reported."""
 
-    def __init__(self, state: dict[str, Tensor], prefix: str) -> None:
-        self.state, self.prefix = dict(state), prefix
+    def __init__(self, state: dict[str, Tensor], prefix: str, dtype: torch.dtype) -> None:
+        self.state, self.prefix, self.dtype = dict(state), prefix, dtype
 
     def __call__(self, name: str) -> Tensor:
         key = self.prefix + name
         if key not in self.state:
             raise ModelLoadError(f"checkpoint lacks tensor {key!r}")
-        return self.state.pop(key).float()
+        return self.state.pop(key).to(self.dtype)
 
     def maybe(self, name: str) -> Tensor | None:
         return self(name) if self.prefix + name in self.state else None
 
     def maybe_top(self, name: str) -> Tensor | None:
         """A tensor outside the `model.` prefix (lm_head), if present."""
-        return self.state.pop(name).float() if name in self.state else None
+        return self.state.pop(name).to(self.dtype) if name in self.state else None
 
     def finish(self) -> None:
         left = [k for k in self.state if not k.endswith("inv_freq")]
@@ -150,13 +150,14 @@ def _llama_weights(spec: ModelSpec, take: _Taker) -> ModelWeights:
     return ModelWeights(spec, g, layers)
 
 
-def load_hf_dir(model_dir: Path) -> tuple[ModelWeights, dict]:
-    """Weights (fp32, CPU) and the raw config of an HF checkpoint directory."""
+def load_hf_dir(model_dir: Path, dtype: torch.dtype = torch.float32
+                ) -> tuple[ModelWeights, dict]:
+    """Weights (in ``dtype``, on the CPU) and the raw config of an HF checkpoint directory."""
     cfg = read_config(model_dir)
     spec = spec_from_config(cfg, name=str(model_dir))
     state = read_state_dict(model_dir)
     prefix = "model." if any(k.startswith("model.") for k in state) else ""
-    take = _Taker(state, prefix)
+    take = _Taker(state, prefix, dtype)
     try:
         weights = (_opt_weights if spec.family == "opt" else _llama_weights)(spec, take)
     except RuntimeError as exc:  # torch.cat over mismatched shapes

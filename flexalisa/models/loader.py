@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from flexalisa.errors import ModelLoadError
 from flexalisa.models.gguf_loader import open_gguf, weights_from_gguf
 from flexalisa.models.gguf_tokenizer import gguf_vocab
@@ -42,17 +44,19 @@ def dir_tokenizer(path: Path) -> Tokenizer | None:
     return None
 
 
-def load_model(path: str | Path | None = None) -> tuple[ModelWeights, Tokenizer | None]:
-    """fp32 CPU weights plus the tokenizer (None for an HF dir without one)."""
+def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32
+               ) -> tuple[ModelWeights, Tokenizer | None]:
+    """CPU weights in ``dtype`` (a GPU run's compute dtype, so the host holds no fp32 copy)
+    plus the tokenizer (None for an HF dir without one)."""
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     if path.is_dir():
-        weights, _ = load_hf_dir(path)
+        weights, _ = load_hf_dir(path, dtype)
         return weights, dir_tokenizer(path)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected an HF checkpoint directory or a .gguf file")
     reader = open_gguf(path)
     vocab = gguf_vocab(reader)
-    weights = weights_from_gguf(reader, path)
+    weights = weights_from_gguf(reader, path, dtype)
     return weights, Tokenizer.from_gguf(vocab)

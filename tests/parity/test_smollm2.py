@@ -242,3 +242,10 @@ def test_gguf_sentencepiece_vocabulary_matches_hf(tmp_path, add_bos, add_space_p
         assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), text
     assert (tok.encode("Hi")[0] == 1) == (add_bos is not False)
     assert len(tok.encode("the")) - (add_bos is not False) == 1  # merged from scores
+
+
+def test_gguf_loads_in_fp16_as_the_fp32_load_cast(smollm):
+    from flexalisa.models import load_model
+    from tests.parity.test_tiny_models import assert_same_weights_in
+
+    assert_same_weights_in(load_model(None, torch.float16)[0], smollm[0], torch.float16)

@@ -44,3 +44,24 @@ def test_spec_reads_the_350m_variant(tiny_models):
     weights, _ = load_model(tiny_models["opt350"][0])
     assert not weights.spec.pre_layer_norm and weights.spec.word_embed_proj_dim == 32
     assert "final_norm_w" not in weights.globals and "project_in" in weights.globals
+
+
+def assert_same_weights_in(weights, reference, dtype) -> None:
+    """``weights`` hold ``reference``'s tensors cast to ``dtype``, with tied tensors tied."""
+    want = reference.to("cpu", dtype)
+    for got_group, want_group in [(weights.globals, want.globals),
+                                  *zip(weights.layers, want.layers)]:
+        assert got_group.keys() == want_group.keys()
+        for name, tensor in got_group.items():
+            assert tensor.dtype == dtype and torch.equal(tensor, want_group[name]), name
+    tied = reference.globals["lm_head"] is reference.globals["embed"]
+    assert (weights.globals["lm_head"] is weights.globals["embed"]) == tied
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_loading_in_a_half_dtype_is_the_fp32_load_cast(tiny_models, kind):
+    """A GPU run loads its host weights in its compute dtype (no fp32 copy on the host)."""
+    path, _ = tiny_models[kind]
+    reference, _ = load_model(path)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert_same_weights_in(load_model(path, dtype)[0], reference, dtype)
