@@ -30,12 +30,13 @@ from flexalisa.models import load_model
 from flexalisa.placement import PlacementRequest, Workload, hardware_profile, make_generator
 from flexalisa.report import RunStats, merge_extras
 from flexalisa.sampling import SamplingParams
+from flexalisa.stops import StopStrings, cut_at_stop
 
 
 @dataclass(frozen=True)
 class Completion:
-    text: str  # the generated text (special tokens such as EOS decoded away)
-    token_ids: list[int]  # generated ids, EOS included when it ended the row
+    text: str  # the generated text (special tokens such as EOS decoded away), cut before a stop
+    token_ids: list[int]  # generated ids, EOS (or the tokens of a stop string) included
     prompt_tokens: int  # tokens of the prompt as fed to the model (after any chat template)
     finish_reason: str  # "stop" (EOS) or "length" (token limit or end of the context)
 
@@ -162,11 +163,14 @@ class LLM:
 
     # ---- generating -----------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int | list[int] = 64,
-                 sampling: SamplingParams | None = None, *, ignore_eos: bool = False,
-                 chat: bool = False, progress: bool = False) -> list[Completion]:
+                 sampling: SamplingParams | None = None, *, stop: str | list[str] = (),
+                 ignore_eos: bool = False, chat: bool = False,
+                 progress: bool = False) -> list[Completion]:
         """One Completion per prompt, in input order. Prompts are batched by token length;
         ``max_new_tokens`` is one limit or one per prompt; row i's sample depends only on
-        (``sampling.seed``, i); ``chat`` wraps each prompt in the model's chat template."""
+        (``sampling.seed``, i); a row also ends once its text contains one of the ``stop``
+        strings (finish_reason "stop", the text cut before it; EOS still ends rows unless
+        ``ignore_eos``); ``chat`` wraps each prompt in the model's chat template."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             return []
@@ -175,6 +179,7 @@ class LLM:
         if len(limits) != len(prompts) or any(n < 1 for n in limits):
             raise FlexalisaError(f"max_new_tokens must be >= 1, one value or one per prompt "
                                  f"({len(prompts)}), got {max_new_tokens!r}")
+        stops = check_stops((stop,) if isinstance(stop, str) else stop)
         token_lists = self.encode(prompts, chat)
         generator, _, _ = self.prepare(self.workload(token_lists, limits))
         self.stats = RunStats()
@@ -185,7 +190,8 @@ class LLM:
                                       self.effective_batch_size):
                 done = self.run_batch(generator, [token_lists[i] for i in batch],
                                       [limits[i] for i in batch], [json.dumps(i) for i in batch],
-                                      sampling, ignore_eos, bar.update if bar else None)
+                                      sampling, ignore_eos, bar.update if bar else None,
+                                      [stops] * len(batch))
                 for i, completion in zip(batch, done):
                     out[i] = completion
         finally:
@@ -195,19 +201,23 @@ class LLM:
 
     def run_batch(self, generator, token_lists: list[list[int]], limits: list[int],
                   keys: list[str], sampling: SamplingParams | None, ignore_eos: bool,
-                  on_tokens: Callable[[int], None] | None = None) -> list[Completion]:
+                  on_tokens: Callable[[int], None] | None = None,
+                  stops: list[tuple[str, ...]] | None = None) -> list[Completion]:
         """One batch through ``generator`` (from ``prepare``); its throughput adds to
-        ``self.stats``. ``keys`` seed each row's sampler."""
+        ``self.stats``. ``keys`` seed each row's sampler; ``stops``: each row's stop strings."""
+        stop_when = StopStrings(self.tokenizer.decode, stops or [()] * len(token_lists))
         result = generator.generate(token_lists, limits, sampling=sampling,
-                                    ignore_eos=ignore_eos, row_keys=keys, on_tokens=on_tokens)
+                                    ignore_eos=ignore_eos, row_keys=keys, on_tokens=on_tokens,
+                                    stop_when=stop_when or None)
         self.stats.add(len(token_lists), result.num_prompt_tokens,
                        sum(len(t) for t in result.tokens), result.prefill_s, result.decode_s)
         if result.extras:
             self.stats.extras["runtime"] = merge_extras(self.stats.extras.get("runtime"),
                                                         result.extras)
-        return [Completion(self.tokenizer.decode(tokens), tokens, len(prompt), reason)
-                for prompt, tokens, reason in zip(token_lists, result.tokens,
-                                                  result.finish_reasons)]
+        return [Completion(cut_at_stop(self.tokenizer.decode(tokens), row_stops)[0], tokens,
+                           len(prompt), reason)
+                for prompt, tokens, reason, row_stops in zip(
+                    token_lists, result.tokens, result.finish_reasons, stop_when.stops)]
 
     def close(self) -> None:
         """Stop the offloading runner's copy threads, if one runs; generate makes a new one."""
@@ -221,6 +231,14 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_stops(stops) -> tuple[str, ...]:
+    """Stop strings as a tuple; refuses anything but non-empty strings."""
+    stops = tuple(stops)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise FlexalisaError(f"stop strings must be non-empty strings, got {list(stops)!r}")
+    return stops
 
 
 def _progress_bar(total: int):

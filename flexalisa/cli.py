@@ -34,6 +34,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed; each row's sample depends on (seed, id) (default: 0)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --gen-len tokens")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a completion at this string, cut before it (repeatable; a line's "
+                        "own \"stop\" wins)")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the model's chat template (instruct models)")
     add_sparsity_flags(p)
@@ -47,6 +50,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(
         model=args.model, input=args.input, output=args.output, gen_len=args.gen_len,
         batch_size=args.batch_size, device=args.device, ignore_eos=args.ignore_eos,
+        stop=tuple(args.stop),
         sampling=SamplingParams(args.temperature, args.top_p, args.seed),
         method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args))
     run_generate(cfg, command=args.command_line)

@@ -32,6 +32,7 @@ from flexalisa.models.linear import can_pack, pack_weights
 from flexalisa.models.weights import ModelWeights
 from flexalisa.prefill import prefill_chunks, prefill_layer, prefill_mask, prefill_rows
 from flexalisa.sampling import SamplingParams, row_generators, sample
+from flexalisa.stops import StopWhen
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
 
@@ -212,8 +213,10 @@ class Engine:
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingParams | None = None, ignore_eos: bool = False,
                  row_keys: list[str] | None = None,
-                 on_tokens: Callable[[int], None] | None = None) -> GenerationResult:
-        """Generate for left-padded `prompts` until EOS or each row's limit.
+                 on_tokens: Callable[[int], None] | None = None,
+                 stop_when: StopWhen | None = None) -> GenerationResult:
+        """Generate for left-padded `prompts` until EOS, each row's limit, or ``stop_when(row,
+        tokens)`` (stop strings, flexalisa/stops.py; a row it ends finishes with "stop").
 
         row_keys seed each row's sampler (see sampling.py); on_tokens(n) is called after every
         step with the number of tokens just produced, for progress bars.
@@ -243,7 +246,7 @@ class Engine:
             keep = []
             for local, (row, token) in enumerate(zip(active, next_ids.tolist())):
                 out[row].append(token)
-                if is_eos[local] and not ignore_eos:
+                if is_eos[local] and not ignore_eos or stop_when and stop_when(row, out[row]):
                     reasons[row] = "stop"
                 elif len(out[row]) < limits[row]:
                     keep.append(local)

@@ -29,6 +29,7 @@ class GenerateConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     sampling: SamplingParams = SamplingParams()  # greedy unless temperature > 0
     ignore_eos: bool = False  # always generate the full length (benchmarks)
+    stop: tuple[str, ...] = ()  # stop strings for lines that set none
     method: SparsityMethod | None = None  # KV sparsity (flexalisa.attention); None = dense
     chat: bool = False  # wrap each prompt in the model's chat template as a user turn
     placement: PlacementRequest = PlacementRequest()  # policy / budgets: offloading runner
@@ -38,6 +39,8 @@ class GenerateConfig:
             raise ValueError(f"--gen-len must be >= 1, got {self.gen_len}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not all(self.stop):
+            raise ValueError("--stop must not be empty")
 
 
 def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
@@ -70,7 +73,8 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
             for batch in pending:
                 completions = llm.run_batch(
                     engine, [token_lists[i] for i in batch], [limits[i] for i in batch],
-                    [records[i].key for i in batch], cfg.sampling, cfg.ignore_eos, bar.update)
+                    [records[i].key for i in batch], cfg.sampling, cfg.ignore_eos, bar.update,
+                    [cfg.stop if records[i].stop is None else records[i].stop for i in batch])
                 # rows already done were recomputed only so their batch-mates see the same batch
                 append_results(cfg.output, [
                     {"id": records[i].id, "text": c.text, "prompt_tokens": c.prompt_tokens,

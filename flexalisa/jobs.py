@@ -1,6 +1,7 @@
 """JSONL batch jobs: read and validate prompts, resume from an existing output, write results.
 
-Input lines:  {"id": <str|int>, "prompt": <str>, "max_new_tokens": <int, optional>}
+Input lines:  {"id": <str|int>, "prompt": <str>, "max_new_tokens": <int, optional>,
+               "stop": <str or list of str, optional>}
 Output lines: {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
 
 Resume contract. Batches are a deterministic function of the whole input and the batch size
@@ -30,6 +31,7 @@ class PromptRecord:
     prompt: str  # raw text, tokenized without a chat template
     max_new_tokens: int | None  # per-line limit; None = the job's --gen-len
     line_no: int  # 1-based line in the input file, for error messages
+    stop: tuple[str, ...] | None = None  # per-line stop strings; None = the job's --stop
 
     @property
     def key(self) -> str:
@@ -54,7 +56,15 @@ def _parse_line(text: str, line_no: int, path: Path) -> PromptRecord:
     limit = obj.get("max_new_tokens")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise JobInputError(f"{where}: \"max_new_tokens\" must be an integer >= 1, got {limit!r}")
-    return PromptRecord(obj["id"], obj["prompt"], limit, line_no)
+    stop = obj.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list)
+                             or not all(isinstance(x, str) and x for x in stop)):
+        raise JobInputError(f"{where}: \"stop\" must be a non-empty string or a list of them, "
+                            f"got {stop!r}")
+    return PromptRecord(obj["id"], obj["prompt"], limit, line_no,
+                        None if stop is None else tuple(stop))
 
 
 def read_prompts(path: Path) -> list[PromptRecord]:

@@ -12,6 +12,7 @@ from flexalisa.attention import SparsityMethod
 from flexalisa.attention.base import MethodState
 from flexalisa.engine import left_pad
 from flexalisa.sampling import SamplingParams, row_generators, sample
+from flexalisa.stops import StopWhen
 
 
 @dataclass
@@ -62,9 +63,11 @@ def make_batch(prompts: list[list[int]], rows: list[int | None], limits: list[in
 
 
 def take_tokens(batch: BatchState, step_idx: int, logits: Tensor, sampling: SamplingParams,
-                eos_ids: Tensor, ignore_eos: bool, max_position: int) -> int:
+                eos_ids: Tensor, ignore_eos: bool, max_position: int,
+                stop_when: StopWhen | None = None) -> int:
     """Sample step ``step_idx``'s token of every row; record it for live rows; return how many
-    were recorded. The sampled ids become the next step's input."""
+    were recorded. The sampled ids become the next step's input. A row ends at EOS (unless
+    ``ignore_eos``), when ``stop_when(prompt index, tokens)`` says so, or at its limit."""
     next_ids = sample(logits, sampling, batch.generators)
     is_eos = torch.isin(next_ids, eos_ids).tolist()
     produced = 0
@@ -73,7 +76,8 @@ def take_tokens(batch: BatchState, step_idx: int, logits: Tensor, sampling: Samp
             continue
         produced += 1
         batch.tokens[r].append(token)
-        if is_eos[r] and not ignore_eos:
+        if is_eos[r] and not ignore_eos or stop_when and stop_when(batch.rows[r],
+                                                                   batch.tokens[r]):
             batch.reasons[r], batch.finished[r] = "stop", True
         elif len(batch.tokens[r]) >= batch.limits[r]:
             batch.finished[r] = True

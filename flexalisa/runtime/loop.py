@@ -42,6 +42,7 @@ from flexalisa.runtime.device import Device, Handle
 from flexalisa.runtime.weights import WeightStore
 from flexalisa.sampling import SamplingParams
 from flexalisa.schedule import BlockOp, OpKind, phase_of
+from flexalisa.stops import StopWhen
 
 LogitsHook = Callable[[int, list[int | None], Tensor], None]  # (step_idx, rows, logits (B, V))
 
@@ -55,6 +56,7 @@ class Sampler:
     ignore_eos: bool  # generate to the limit regardless of EOS
     on_tokens: Callable[[int], None] | None  # progress: tokens just produced
     on_logits: LogitsHook | None  # per-step logits (tests, analysis)
+    stop_when: StopWhen | None = None  # (prompt index, tokens so far) -> the row ends ("stop")
 
 
 @dataclass
@@ -229,7 +231,7 @@ class BlockLoop:
         if s.on_logits is not None:
             s.on_logits(step_idx, batch.rows, logits)
         produced = take_tokens(batch, step_idx, logits, s.params, s.eos_ids, s.ignore_eos,
-                               spec.max_seq_len - 1)
+                               spec.max_seq_len - 1, s.stop_when)
         if s.on_tokens is not None and produced:
             s.on_tokens(produced)
 

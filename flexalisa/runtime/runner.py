@@ -46,6 +46,7 @@ from flexalisa.runtime.timing import OpTimes
 from flexalisa.runtime.weights import WeightLayout, WeightStore
 from flexalisa.sampling import SamplingParams
 from flexalisa.schedule import BlockOp, BlockShape, block_schedule
+from flexalisa.stops import StopWhen
 from policy.policy import Policy
 
 Rows = list[int]  # indices into the prompt list
@@ -148,14 +149,15 @@ class OffloadRunner:
                  sampling: SamplingParams | None = None, ignore_eos: bool = False,
                  row_keys: list[str] | None = None,
                  on_tokens: Callable[[int], None] | None = None,
-                 on_logits: LogitsHook | None = None) -> GenerationResult:
+                 on_logits: LogitsHook | None = None,
+                 stop_when: StopWhen | None = None) -> GenerationResult:
         """As ``Engine.generate``; ``on_logits(step_idx, rows, logits (b, V))`` sees each
         step's float32 logits per GPU batch (``rows``: prompt index per row, None = filler)."""
         limits = row_limits(max_new_tokens, prompts, self.spec.max_seq_len)
         eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device.torch_device)
         request = Request(prompts, limits, row_keys or [str(i) for i in range(len(prompts))],
                           Sampler(sampling or SamplingParams(), eos, ignore_eos, on_tokens,
-                                  on_logits))
+                                  on_logits, stop_when))
         blocks = self.plan(prompts, limits)  # refuses a misfit before anything runs
         totals = RunTotals(self.policy)
         out: list[list[int]] = [[] for _ in prompts]

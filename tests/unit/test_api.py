@@ -99,3 +99,34 @@ def test_policy_runs_offloaded_with_the_on_device_tokens(llm, tiny_chat_model, t
         assert off.prepare(off.workload([[1] * 3], [4]))[0] is runner
         off.generate(PROMPTS, 12, ignore_eos=True)
         assert off.prepare(off.workload([[1] * 3], [4]))[0] is not runner
+
+
+def first_stop_prefix(tok, tokens: list[int], stop: str) -> list[int]:
+    """The shortest prefix of ``tokens`` whose text contains ``stop``."""
+    return next(tokens[:n] for n in range(1, len(tokens) + 1) if stop in tok.decode(tokens[:n]))
+
+
+def test_stop_strings_end_rows_and_cut_the_text(llm, tiny_chat_model, tmp_path):
+    ref = llm.generate(PROMPTS, 12, ignore_eos=True)
+    text = ref[1].text
+    stop = next(s for s in (llm.tokenizer.decode(ref[1].token_ids[k:k + 2]) for k in range(3, 9))
+                if s.isprintable() and text.find(s) > 0)  # two tokens' text, not at the start
+    want = first_stop_prefix(llm.tokenizer, ref[1].token_ids, stop)
+    got = llm.generate(PROMPTS, 12, stop=[stop, "never appears \u2603"], ignore_eos=True)
+    assert got[1].token_ids == want and len(want) < 12
+    assert got[1].text == text[:text.find(stop)] and got[1].finish_reason == "stop"
+    for i in (0, 2):  # rows whose text lacks the stop string run on
+        if stop not in ref[i].text:
+            assert got[i] == ref[i]
+    # the offloading runtime ends rows at the same tokens
+    path = tmp_path / "policy.json"
+    Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu_share=0.5, weights_cpu_share=0.5,
+           kv_gpu_share=0.5, kv_cpu_share=0.5, kv_recompute_share=0.0, phase2_start_step=0,
+           phase3_start_step=0, act_gpu_share=1.0, act_cpu_share=0.0).save(path)
+    with LLM(tiny_chat_model, policy=path) as off:
+        assert off.generate(PROMPTS, 12, stop=stop, ignore_eos=True) == got
+
+
+def test_bad_stop_strings(llm):
+    with pytest.raises(FlexalisaError, match="stop strings must be non-empty"):
+        llm.generate(PROMPTS, 4, stop=[""])

@@ -74,6 +74,8 @@ BAD_INPUTS = [
     ([{"id": 1, "prompt": 5}], "non-string \"prompt\""),
     ([{"id": 1, "prompt": "a", "max_new_tokens": 0}], "\"max_new_tokens\" must be an integer"),
     (["[1, 2]"], "expected a JSON object"),
+    ([{"id": 1, "prompt": "a", "stop": ["x", ""]}], "in.jsonl:1: \"stop\" must be a non-empty"),
+    ([{"id": 1, "prompt": "a", "stop": 3}], "in.jsonl:1: \"stop\" must be a non-empty"),
 ]
 
 
@@ -90,3 +92,25 @@ def test_chat_flag_without_template_is_an_error(tiny_chat_model, tmp_path, capsy
     code, out = run(tiny_chat_model, tmp_path, PROMPTS[:1], "--chat")
     assert code == 1 and not out.exists()
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_stop_strings_from_the_flag_and_per_line(tiny_chat_model, tmp_path):
+    """--stop ends every line's completion at its first stop string; a line's own "stop"
+    replaces the flag's. The texts are the unstopped ones cut before the stop."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "stop").mkdir()
+    _, ref_out = run(tiny_chat_model, tmp_path / "ref", PROMPTS, "--ignore-eos")
+    ref = {r["id"]: r["text"] for r in read(ref_out)}
+    stop = next(t[k:k + 2] for i, t in ref.items() if i != 0 for k in range(2, len(t) - 1)
+                if t[k:k + 2].isprintable() and t[k:k + 2].strip())
+    rows = [dict(r, stop=["\u2603"]) if r["id"] == 0 else r for r in PROMPTS]
+    code, out = run(tiny_chat_model, tmp_path / "stop", rows, "--ignore-eos", "--stop", stop)
+    assert code == 0
+    got = {r["id"]: r for r in read(out)}
+    assert got[0]["text"] == ref[0] and got[0]["finish_reason"] == "length"  # its own stop
+    stopped = [k for k in got if k != 0 and stop in ref[k]]
+    assert stopped
+    for k in got:
+        if k != 0:
+            assert got[k]["text"] == ref[k][:ref[k].find(stop)] if k in stopped else ref[k]
+            assert got[k]["finish_reason"] == ("stop" if k in stopped else "length")
