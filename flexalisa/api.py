@@ -25,7 +25,7 @@ from pathlib import Path
 from flexalisa.attention import SparsityMethod, make_method
 from flexalisa.engine import default_dtype, resolve_device
 from flexalisa.errors import FlexalisaError, JobInputError
-from flexalisa.jobs import plan_batches
+from flexalisa.jobs import check_messages, plan_batches
 from flexalisa.models import load_model
 from flexalisa.placement import PlacementRequest, Workload, hardware_profile, make_generator
 from flexalisa.report import RunStats, merge_extras
@@ -111,12 +111,19 @@ class LLM:
         self._hardware = None  # the measured or loaded profile, reused by later searches
 
     # ---- preparing a workload -------------------------------------------------------------
-    def encode(self, prompts: list[str], chat: bool = False,
+    def encode(self, prompts: list[str | list[dict]], chat: bool = False,
                labels: list[str] | None = None) -> list[list[int]]:
         """Token ids per prompt; refuses empty prompts and ones that leave no room to generate.
+        A prompt is text (put through the chat template as a user turn if ``chat``) or a
+        conversation, a list of {"role", "content"} messages (always put through it).
         ``labels`` name the prompts in errors (default "prompt <index>")."""
         tok = self.tokenizer
-        texts = [tok.apply_chat_template(p) if chat else p for p in prompts]
+        texts = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                prompt = check_messages(prompt, labels[i] if labels else f"prompt {i}")
+            texts.append(tok.apply_chat_template(prompt) if chat or isinstance(prompt, list)
+                         else prompt)
         token_lists = tok.encode_batch(texts)
         max_len = self.weights.spec.max_seq_len
         for i, ids in enumerate(token_lists):
@@ -162,7 +169,17 @@ class LLM:
                         sparsity=method.sparsity if method else 0.0)
 
     # ---- generating -----------------------------------------------------------------------
-    def generate(self, prompts: str | list[str], max_new_tokens: int | list[int] = 64,
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             max_new_tokens: int | list[int] = 64, sampling: SamplingParams | None = None,
+             **kwargs) -> list[Completion]:
+        """``generate`` for conversations (one, or a list of them), each a list of {"role",
+        "content"} messages put through the model's chat template; vLLM's ``LLM.chat``."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # one conversation
+        return self.generate(list(conversations), max_new_tokens, sampling, **kwargs)
+
+    def generate(self, prompts: str | list[str | list[dict]],
+                 max_new_tokens: int | list[int] = 64,
                  sampling: SamplingParams | None = None, *, stop: str | list[str] = (),
                  ignore_eos: bool = False, chat: bool = False,
                  progress: bool = False) -> list[Completion]:
@@ -170,7 +187,8 @@ class LLM:
         ``max_new_tokens`` is one limit or one per prompt; row i's sample depends only on
         (``sampling.seed``, i); a row also ends once its text contains one of the ``stop``
         strings (finish_reason "stop", the text cut before it; EOS still ends rows unless
-        ``ignore_eos``); ``chat`` wraps each prompt in the model's chat template."""
+        ``ignore_eos``); ``chat`` wraps each text prompt in the model's chat template as a
+        user turn; a prompt may also be a conversation (see ``encode``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             return []

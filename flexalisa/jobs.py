@@ -2,6 +2,8 @@
 
 Input lines:  {"id": <str|int>, "prompt": <str>, "max_new_tokens": <int, optional>,
                "stop": <str or list of str, optional>}
+              or "messages": [{"role": <str>, "content": <str>}, ...] instead of "prompt": a
+              conversation, put through the model's chat template
 Output lines: {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
 
 Resume contract. Batches are a deterministic function of the whole input and the batch size
@@ -28,7 +30,7 @@ OUTPUT_KEYS = ("id", "text", "prompt_tokens", "completion_tokens", "finish_reaso
 @dataclass(frozen=True)
 class PromptRecord:
     id: str | int  # the caller's id, echoed unchanged
-    prompt: str  # raw text, tokenized without a chat template
+    prompt: str | list[dict]  # raw text (chat template only with --chat), or chat messages
     max_new_tokens: int | None  # per-line limit; None = the job's --gen-len
     line_no: int  # 1-based line in the input file, for error messages
     stop: tuple[str, ...] | None = None  # per-line stop strings; None = the job's --stop
@@ -51,8 +53,14 @@ def _parse_line(text: str, line_no: int, path: Path) -> PromptRecord:
         raise JobInputError(f"{where}: missing \"id\"")
     if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
         raise JobInputError(f"{where}: \"id\" must be a string or an integer")
-    if not isinstance(obj.get("prompt"), str):
-        raise JobInputError(f"{where}: missing or non-string \"prompt\"")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise JobInputError(f"{where}: needs a \"prompt\" or a \"messages\" list, not both")
+    if "messages" in obj:
+        prompt = check_messages(obj["messages"], where)
+    elif isinstance(obj["prompt"], str):
+        prompt = obj["prompt"]
+    else:
+        raise JobInputError(f"{where}: non-string \"prompt\"")
     limit = obj.get("max_new_tokens")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise JobInputError(f"{where}: \"max_new_tokens\" must be an integer >= 1, got {limit!r}")
@@ -63,8 +71,18 @@ def _parse_line(text: str, line_no: int, path: Path) -> PromptRecord:
                              or not all(isinstance(x, str) and x for x in stop)):
         raise JobInputError(f"{where}: \"stop\" must be a non-empty string or a list of them, "
                             f"got {stop!r}")
-    return PromptRecord(obj["id"], obj["prompt"], limit, line_no,
+    return PromptRecord(obj["id"], prompt, limit, line_no,
                         None if stop is None else tuple(stop))
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """A chat conversation: a non-empty list of {"role": str, "content": str} objects."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages):
+        raise JobInputError(f"{where}: \"messages\" must be a non-empty list of "
+                            "{\"role\": str, \"content\": str} objects")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def read_prompts(path: Path) -> list[PromptRecord]:

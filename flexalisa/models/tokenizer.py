@@ -24,18 +24,24 @@ class Tokenizer:
         self.backend = backend
         self.chat_template = chat_template  # Jinja source from the checkpoint, if it has one
 
-    def apply_chat_template(self, prompt: str) -> str:
-        """Wrap a user prompt in the model's own chat template (rendered with Jinja, which
-        torch already depends on), ending with the assistant's generation prompt."""
+    def apply_chat_template(self, conversation: str | list[dict]) -> str:
+        """A conversation (a list of {"role", "content"} messages, or one user prompt) in the
+        model's own chat template (rendered with Jinja, which torch already depends on), ending
+        with the assistant's generation prompt. BOS renders empty and encoding adds it where
+        the tokenizer adds one (transformers renders it and adds none: the same ids where a
+        template starts with BOS exactly when its tokenizer adds one, as LLaMA-family files do)."""
         if not self.chat_template:
-            raise ModelLoadError("this model has no chat template; drop --chat")
+            raise ModelLoadError("this model has no chat template (needed by --chat and by "
+                                 "\"messages\")")
         import jinja2
 
+        messages = ([{"role": "user", "content": conversation}]
+                    if isinstance(conversation, str) else conversation)
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
         try:
             template = env.from_string(self.chat_template)
-            return template.render(messages=[{"role": "user", "content": prompt}],
-                                   add_generation_prompt=True, bos_token="", eos_token="")
+            return template.render(messages=messages, add_generation_prompt=True, bos_token="",
+                                   eos_token="")
         except jinja2.TemplateError as exc:
             raise ModelLoadError(f"cannot render the model's chat template ({exc})") from None
 

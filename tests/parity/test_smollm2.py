@@ -83,6 +83,12 @@ def test_chat_template_matches_hf(smollm, smollm_hf):
                                          add_generation_prompt=True)
         assert ours == ref
         assert tok.encode(ours) == hf_tok(ref, add_special_tokens=False).input_ids
+    conversation = [{"role": "system", "content": "You answer in one word."},
+                    {"role": "user", "content": "Sky colour?"},
+                    {"role": "assistant", "content": "Blue."},
+                    {"role": "user", "content": "And grass?"}]
+    assert tok.apply_chat_template(conversation) == hf_tok.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("add_bos", [True, False])

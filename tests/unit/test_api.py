@@ -130,3 +130,48 @@ def test_stop_strings_end_rows_and_cut_the_text(llm, tiny_chat_model, tmp_path):
 def test_bad_stop_strings(llm):
     with pytest.raises(FlexalisaError, match="stop strings must be non-empty"):
         llm.generate(PROMPTS, 4, stop=[""])
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_llm(tiny_chat_model, tmp_path_factory):
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_chat_model, tmp_path_factory.mktemp("templ") / "model")
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    with LLM(model) as llm:
+        yield llm
+
+
+def test_conversations_go_through_the_chat_template(chat_llm):
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "The module"}]
+    rendered = "<system>Be brief.\n<user>The module\n<assistant>"
+    want = chat_llm.generate([rendered, rendered], 6)
+    assert chat_llm.chat(conversation, 6) == want[:1]
+    assert chat_llm.chat([conversation, conversation], 6) == want
+    assert chat_llm.generate(["The module"], 6, chat=True) == chat_llm.generate(
+        ["<user>The module\n<assistant>"], 6)
+    with pytest.raises(FlexalisaError, match="prompt 1: \"messages\" must be a non-empty list"):
+        chat_llm.generate(["ok", [{"role": "user"}]], 4)
+
+
+def test_messages_lines_in_a_job(chat_llm, tmp_path):
+    import json
+
+    from flexalisa.cli import main
+    from tests.conftest import write_jsonl
+
+    rows = [{"id": "m", "messages": [{"role": "user", "content": "The module"}]},
+            {"id": "p", "prompt": "<user>The module\n<assistant>"}]
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(chat_llm.weights.spec.name), "--input",
+                 str(write_jsonl(tmp_path / "in.jsonl", rows)), "--output", str(out),
+                 "--gen-len", "6"]) == 0
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert got["m"]["text"] == got["p"]["text"]
+    assert got["m"]["prompt_tokens"] == got["p"]["prompt_tokens"]

@@ -76,6 +76,10 @@ BAD_INPUTS = [
     (["[1, 2]"], "expected a JSON object"),
     ([{"id": 1, "prompt": "a", "stop": ["x", ""]}], "in.jsonl:1: \"stop\" must be a non-empty"),
     ([{"id": 1, "prompt": "a", "stop": 3}], "in.jsonl:1: \"stop\" must be a non-empty"),
+    ([{"id": 1}], "in.jsonl:1: needs a \"prompt\" or a \"messages\" list"),
+    ([{"id": 1, "prompt": "a", "messages": []}], "needs a \"prompt\" or a \"messages\" list"),
+    ([{"id": 1, "messages": [{"role": "user", "content": 3}]}], "\"messages\" must be a"),
+    ([{"id": 1, "messages": [{"role": "user", "content": "hi"}]}], "has no chat template"),
 ]
 
 
