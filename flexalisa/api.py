@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from flexalisa.attention import SparsityMethod, make_method
 from flexalisa.engine import default_dtype, resolve_device
 from flexalisa.errors import FlexalisaError, JobInputError
@@ -222,11 +224,31 @@ class LLM:
                   on_tokens: Callable[[int], None] | None = None,
                   stops: list[tuple[str, ...]] | None = None) -> list[Completion]:
         """One batch through ``generator`` (from ``prepare``); its throughput adds to
-        ``self.stats``. ``keys`` seed each row's sampler; ``stops``: each row's stop strings."""
-        stop_when = StopStrings(self.tokenizer.decode, stops or [()] * len(token_lists))
-        result = generator.generate(token_lists, limits, sampling=sampling,
-                                    ignore_eos=ignore_eos, row_keys=keys, on_tokens=on_tokens,
-                                    stop_when=stop_when or None)
+        ``self.stats``. ``keys`` seed each row's sampler; ``stops``: each row's stop strings.
+
+        Out of device memory, the batch runs again as two halves, down to one prompt (the
+        offloading runner retries inside, with smaller GPU batches); each row's sample still
+        depends only on its key."""
+        stops = stops or [()] * len(token_lists)
+        stop_when = StopStrings(self.tokenizer.decode, stops)
+        try:
+            result = generator.generate(token_lists, limits, sampling=sampling,
+                                        ignore_eos=ignore_eos, row_keys=keys,
+                                        on_tokens=on_tokens, stop_when=stop_when or None)
+        except torch.OutOfMemoryError:
+            if len(token_lists) == 1:
+                raise FlexalisaError(
+                    f"out of {self.device} memory generating one prompt of "
+                    f"{len(token_lists[0])} tokens; give --gpu-mem so that the offloading "
+                    "runtime places the model") from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(token_lists) // 2
+            self.stats.extras["oom_splits"] = self.stats.extras.get("oom_splits", 0) + 1
+            return [c for part in (slice(None, half), slice(half, None))
+                    for c in self.run_batch(generator, token_lists[part], limits[part],
+                                            keys[part], sampling, ignore_eos, on_tokens,
+                                            stops[part])]
         self.stats.add(len(token_lists), result.num_prompt_tokens,
                        sum(len(t) for t in result.tokens), result.prefill_s, result.decode_s)
         if result.extras:

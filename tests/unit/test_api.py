@@ -175,3 +175,28 @@ def test_messages_lines_in_a_job(chat_llm, tmp_path):
     got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert got["m"]["text"] == got["p"]["text"]
     assert got["m"]["prompt_tokens"] == got["p"]["prompt_tokens"]
+
+
+def test_out_of_memory_splits_the_batch(tiny_chat_model, monkeypatch):
+    """A device that runs out of memory above one prompt per batch: each batch is split down
+    to single prompts, with the single-prompt batches' completions; at one prompt, an error."""
+    from flexalisa.engine import Engine
+
+    with LLM(tiny_chat_model, batch_size=1) as one:
+        want = one.generate(PROMPTS, 6)
+    real = Engine.generate
+
+    def small_device(self, prompts, *args, **kwargs):
+        if len(prompts) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", small_device)
+    limit = 1
+    with LLM(tiny_chat_model, batch_size=3) as llm:
+        assert llm.generate(PROMPTS, 6) == want
+        assert llm.stats.extras["oom_splits"] == 2  # 3 -> 1 + 2, then 2 -> 1 + 1
+        assert llm.stats.num_prompts == 3
+        limit = 0
+        with pytest.raises(FlexalisaError, match="out of cpu memory generating one prompt"):
+            llm.generate(PROMPTS[:1], 6)
