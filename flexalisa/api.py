@@ -71,11 +71,13 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu",
                  sparsity_method: str = "dense", sparsity: float = 0.0,
-                 per_kv_head: bool = False, batch_size: int = 16,
+                 per_kv_head: bool = False, query_channels: int = 0, batch_size: int = 16,
                  gpu_mem: str | None = None, cpu_mem: str | None = None,
                  policy: str | Path | None = None, auto_policy: bool = False,
                  hardware: str = "local") -> None:
         """``model``: HF checkpoint dir or .gguf (None = the embedded SmolLM2-135M);
+        ``sparsity_method`` ("dense", "swa", "h2o", "local", "strided", "sinks"), ``sparsity``,
+        ``per_kv_head``, ``query_channels``: as the CLI's flags (flexalisa.attention);
         ``batch_size``: prompts per batch (a policy's own batch wins); ``gpu_mem``/``cpu_mem``:
         budgets with units ("512MiB"), enforced on a CPU-only machine too; ``policy``: a
         policy.json; ``auto_policy``: search one with the cost model on ``hardware`` (a preset,
@@ -83,7 +85,7 @@ class LLM:
         placement = PlacementRequest(policy_path=Path(policy) if policy else None,
                                      auto_policy=auto_policy, hardware=hardware,
                                      gpu_mem=gpu_mem, cpu_mem=cpu_mem)
-        method = method_from_flags(sparsity_method, sparsity, per_kv_head)
+        method = method_from_flags(sparsity_method, sparsity, per_kv_head, query_channels)
         self._setup(model, device, method, placement, batch_size)
 
     @classmethod
