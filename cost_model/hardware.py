@@ -60,7 +60,9 @@ class HardwareProfile:
     cpu_mem_bytes_per_s: float  # sustained host memory bandwidth (STREAM-like)
     compute_dtype_bytes: int = 2  # element size the device computes and stores in (fp16: 2)
     cpu_compute_dtype_bytes: int = 4  # element size the host computes attention in (fp32: 4)
-    layer_overhead_s: float = 2e-4  # fixed cost per layer per GPU batch (launches, Python dispatch)
+    # fixed cost per layer per GPU batch per step: kernel launches and the runtime's per-op
+    # Python (a profile times the offloading runtime itself on a tiny model)
+    layer_overhead_s: float = 2e-4
     # what a sparse decode step costs beyond attending its selected tokens (SWA's select and
     # observe, gathering the selection, attention that returns its weights), per layer per GPU
     # batch: a fixed part plus a part per sequence per cached token (scores are O(context));

@@ -12,7 +12,10 @@ Derating rules, applied to every preset alike:
   (about 75-80% of the 15.75 / 31.5 / 63 GB/s raw rates).
 * Host: ``cpu_flops = cores x GHz x fp32 FLOP/cycle x 0.5`` (AVX2 2xFMA: 32, AVX-512 2xFMA: 64;
   half of peak for torch's CPU kernels); ``cpu_mem_bytes_per_s = channels x MT/s x 8 B x 0.6``.
-* ``layer_overhead_s = 2e-4``: ~20 kernel launches of ~10 us per layer from Python.
+* ``layer_overhead_s = 2e-4``: ~20 kernel launches of ~10 us per layer from Python. The
+  offloading runtime's own per-layer Python measured ~1 ms per layer-step on this project's
+  CPU box (``python -m cost_model profile``), how much of it hides behind device work on a GPU
+  is unmeasured; a profile measured on the GPU machine times it there.
 * ``selection_overhead_s`` and ``selection_s_per_token`` stay 0: what a sparse step's select,
   gather and observe cost on a GPU, beyond its attention, has not been measured here (no GPU
   was lent), and how much of their ~25 launches per layer hides behind device work is not

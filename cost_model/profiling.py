@@ -156,6 +156,47 @@ def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> flo
     return timer.best_s(layer)
 
 
+RUNTIME_LAYERS = (2, 10)  # decoder layers of the two tiny models the runtime overhead is fit on
+
+
+def _runtime_layer_overhead_s(torch: Any, timer: _Timer, device: str) -> float | None:
+    """What the offloading runtime itself costs per layer per GPU batch and step: the per-op
+    Python of its loop (load, compute, store of each layer), its copies' dispatch and its
+    kernels' launches, measured by running ``flexalisa.runtime.OffloadRunner`` on two tiny
+    LLaMA models (64 channels, so compute is negligible) of ``RUNTIME_LAYERS`` layers, with
+    the placement the searches pick on this box (half the layers streamed, every KV entry in
+    the CPU tier, CPU-delegated attention), and dividing the difference by the extra
+    layer-steps. None where flexalisa is not installed beside the cost model.
+    """
+    try:
+        from cost_model.spec import ModelSpec
+        from flexalisa.models.dummy import dummy_weights
+        from flexalisa.runtime import OffloadRunner
+        from policy import Policy
+    except ImportError:
+        return None
+    batch, prompt_len, gen_len = 4, 16, 17
+    policy = Policy(gpu_batch_size=batch, num_gpu_batches=1, weights_gpu_share=0.5,
+                    weights_cpu_share=0.5, kv_gpu_share=0.0, kv_cpu_share=1.0,
+                    kv_recompute_share=0.0, phase2_start_step=0, phase3_start_step=None,
+                    act_gpu_share=1.0, act_cpu_share=0.0, cpu_attention=True)
+    prompts = [[5] * prompt_len] * batch
+    sub = _Timer(timer.clock, timer.sync, timer.budget_s / 2)
+    seconds = []
+    for layers in RUNTIME_LAYERS:
+        spec = ModelSpec(family="llama", vocab_size=256, hidden_size=64, num_layers=layers,
+                         num_heads=4, num_kv_heads=2, ffn_size=128, max_seq_len=64,
+                         eos_token_ids=(2,), pad_token_id=0)
+        runner = OffloadRunner(dummy_weights(spec), policy, device=device)
+        try:
+            seconds.append(sub.best_s(lambda r=runner: r.generate(prompts, gen_len,
+                                                                  ignore_eos=True)))
+        finally:
+            runner.close()
+    return max(0.0, seconds[1] - seconds[0]) / ((RUNTIME_LAYERS[1] - RUNTIME_LAYERS[0])
+                                                 * gen_len)
+
+
 SELECTION_POINTS = ((16, 128), (16, 512))  # (sequences, cached tokens) the fit is drawn through
 
 
@@ -258,7 +299,8 @@ def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> di
     out: dict[str, Any] = dict(
         gpu_gemm_flops_per_s=_gemm_rate(torch, timer, device, dtype, big, big, big),
         gpu_skinny_flops_per_s=rate[(16, GEMM_TABLE_INNER[-1])], gemm_flops_table=table,
-        layer_overhead_s=_layer_overhead_s(torch, timer, device, dtype),
+        layer_overhead_s=_runtime_layer_overhead_s(torch, timer, device)
+        or _layer_overhead_s(torch, timer, device, dtype),
         **_selection_costs(torch, timer, device, dtype))
     if cuda:
         pinned = torch.empty(64 * MIB, dtype=torch.uint8).pin_memory()

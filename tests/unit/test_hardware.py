@@ -132,3 +132,19 @@ def test_gemm_rate_table_interpolates_and_round_trips(tmp_path):
     preset = HARDWARE_PRESETS["a100-40g"].replace(gpu_skinny_flops_per_s=1e12)
     assert preset.gemm_flops_per_s(8) == 1e12
     assert preset.gemm_flops_per_s(4096, 8192) == preset.gpu_gemm_flops_per_s
+
+
+def test_runtime_layer_overhead_is_timed_on_the_runtime_itself():
+    """The profile's per-layer cost comes from running the offloading runtime on two tiny
+    models; it must be positive and include the runtime's bookkeeping, which costs more than
+    the bare op sequence of a layer (``_layer_overhead_s``) does."""
+    import time
+
+    import torch
+
+    from cost_model.profiling import _layer_overhead_s, _runtime_layer_overhead_s, _Timer
+
+    timer = _Timer(time.perf_counter, lambda: None, 0.5)
+    runtime = _runtime_layer_overhead_s(torch, timer, "cpu")
+    assert runtime is not None and 0 < runtime < 0.1
+    assert runtime > _layer_overhead_s(torch, timer, "cpu", torch.float32)
