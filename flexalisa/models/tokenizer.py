@@ -64,7 +64,8 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-            raise ModelLoadError(f"{path}: cannot read tokenizer ({exc})") from None
+            raise ModelLoadError(f"{path}: cannot read tokenizer ({' '.join(str(exc).split())})"
+                                 ) from None
         template = None
         config = path.parent / "tokenizer_config.json"
         if config.is_file():
@@ -96,18 +97,27 @@ class Tokenizer:
         if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
             raise ModelLoadError(f"{directory}: vocab.json must map tokens to ids and each "
                                  "merges.txt line must hold two tokens")
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        try:
+            backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        except Exception as exc:  # tokenizers raises a bare Exception on a malformed vocab
+            reason = " ".join(str(exc).split())  # tokenizers' message spans lines
+            raise ModelLoadError(f"{directory}: cannot build the BPE from vocab.json / "
+                                 f"merges.txt ({reason})") from None
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(
             add_prefix_space=bool(config.get("add_prefix_space", False)))
         backend.decoder = decoders.ByteLevel()
+        added = config.get("added_tokens_decoder")
+        added = [t for t in (added.values() if isinstance(added, dict) else ())
+                 if isinstance(t, dict)]
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        specials = [_content(config[n]) for n in names if config.get(n)]
-        specials += [_content(t) for t in config.get("added_tokens_decoder", {}).values()
-                     if isinstance(t, dict) and t.get("special", True)]
+        specials = [_content(config.get(n)) for n in names]
+        specials += [_content(t) for t in added if t.get("special", True)]
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t in dict.fromkeys(specials)])
-        if config.get("add_bos_token") and config.get("bos_token"):
-            bos = _content(config["bos_token"])
+                                    for t in dict.fromkeys(specials) if t])
+        plain = [_content(t) for t in added if not t.get("special", True)]
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain if t])
+        bos = _content(config.get("bos_token"))
+        if config.get("add_bos_token") and bos:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
                 special_tokens=[(bos, backend.token_to_id(bos))])
@@ -136,6 +146,9 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _content(token: str | dict) -> str:
-    """A special token as tokenizer_config.json spells it: a string or {"content": ...}."""
-    return token["content"] if isinstance(token, dict) else token
+def _content(token) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or {"content": ...};
+    None for anything else."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) and token else None

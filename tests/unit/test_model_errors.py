@@ -105,7 +105,8 @@ def vocab_merges_model(tiny_chat_model, tmp_path):
     Tokenizer.from_file(str(model / "tokenizer.json")).model.save(str(model))
     (model / "tokenizer.json").unlink()
     (model / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}))
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+         "unk_token": {"lstrip": False}, "added_tokens_decoder": {"7": "odd", "8": {}}}))
     return model
 
 
@@ -120,6 +121,7 @@ def test_vocab_and_merges_instead_of_tokenizer_json(tiny_chat_model, tmp_path):
 
 
 @pytest.mark.parametrize("name, content", [("vocab.json", "{not json"),
+                                           ("vocab.json", "{\"a\": \"not an id\"}"),
                                            ("merges.txt", "a\n"),
                                            ("tokenizer_config.json", "[1]")])
 def test_broken_vocab_merges_tokenizer(tiny_chat_model, tmp_path, capsys, name, content):
