@@ -133,7 +133,7 @@ def _sentencepiece_backend(vocab: GGUFVocab) -> HFTokenizer:
         pairs = sentencepiece_merges(ids, dict(zip(vocab.tokens, vocab.scores)))
     else:
         raise ModelLoadError("SentencePiece GGUF vocabulary has neither merges nor scores")
-    backend = HFTokenizer(models.BPE(vocab=ids, merges=pairs, fuse_unk=True, byte_fallback=True))
+    backend = _bpe(ids, pairs, fuse_unk=True, byte_fallback=True)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
                                                      split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
@@ -171,8 +171,7 @@ def _byte_level_backend(vocab: GGUFVocab) -> HFTokenizer:
 
     ids = {spelled(token): i for i, token in enumerate(vocab.tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in vocab.merges]
-    backend = HFTokenizer(models.BPE(vocab=ids, merges=pairs, fuse_unk=False,
-                                     byte_fallback=False))
+    backend = _bpe(ids, pairs, fuse_unk=False, byte_fallback=False)
     split = PRE_TOKENIZER_SPLITS.get(vocab.pre or "")
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -188,6 +187,14 @@ def _byte_level_backend(vocab: GGUFVocab) -> HFTokenizer:
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in kinds
                         if kind == USER_DEFINED_TOKEN_TYPE and t in ids])
     return backend
+
+
+def _bpe(ids: dict[str, int], pairs: list, **options) -> HFTokenizer:
+    try:
+        return HFTokenizer(models.BPE(vocab=ids, merges=pairs, **options))
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed vocabulary
+        raise ModelLoadError("GGUF tokenizer metadata does not make a BPE vocabulary "
+                             f"({' '.join(str(exc).split())})") from None
 
 
 def _add_bos_eos(backend: HFTokenizer, vocab: GGUFVocab) -> None:

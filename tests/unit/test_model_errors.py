@@ -135,3 +135,14 @@ def test_no_tokenizer_at_all(tiny_chat_model, tmp_path, capsys):
     (model / "tokenizer.json").unlink()
     assert "no tokenizer (tokenizer.json, or vocab.json + merges.txt)" in run_with_model(
         tmp_path, model, capsys)
+
+
+def test_gguf_tokenizer_metadata_that_makes_no_bpe():
+    from flexalisa.errors import ModelLoadError
+    from flexalisa.models.gguf_tokenizer import GGUFVocab, gguf_backend
+
+    with pytest.raises(ModelLoadError, match="does not make a BPE vocabulary"):
+        gguf_backend(GGUFVocab(model="gpt2", tokens=["a", "b"], token_types=[1, 1],
+                               merges=["abc"]))
+    with pytest.raises(ModelLoadError, match="unsupported GGUF tokenizer model 't5'"):
+        gguf_backend(GGUFVocab(model="t5", tokens=["a"], token_types=[1], merges=[]))
