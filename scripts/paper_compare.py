@@ -3,7 +3,7 @@
 ALISA (Zhao et al., ISCA 2024) reports 1.4-3.0x over FlexGen at batch 4-64, prompt 128, gen 512,
 80% sparsity, 20 GB/s PCIe. This runs the policy search twice per row:
 
-* FlexGen: dense attention, static split (p1 = p2 = 0), no recompute tier, best over all
+* FlexGen: dense attention, static split (p1 = 0), no recompute tier, best over all
   (gpu_batch_size, num_gpu_batches) splits of the batch and CPU attention on/off;
 * ALISA: SWA at the given sparsity, three phases, recompute allowed, same splits.
 
