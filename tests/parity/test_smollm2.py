@@ -130,9 +130,6 @@ def test_gpt2_style_vocab_and_merges_match_hf(tmp_path, add_bos):
 def write_vocab_gguf(path, pre: str, add_bos: bool, extra_user_defined: tuple[str, ...]):
     """The SmolLM2 vocabulary in a GGUF of its own, with another pre-tokenizer family, BOS
     flag and user-defined tokens (tokenizer metadata and one tensor, no model)."""
-    import gguf
-    import numpy as np
-
     from flexalisa.models import default_model_path
     from flexalisa.models.gguf_loader import open_gguf
     from flexalisa.models.gguf_tokenizer import USER_DEFINED_TOKEN_TYPE, gguf_vocab
@@ -140,15 +137,27 @@ def write_vocab_gguf(path, pre: str, add_bos: bool, extra_user_defined: tuple[st
     vocab = gguf_vocab(open_gguf(default_model_path()))
     tokens = vocab.tokens + list(extra_user_defined)
     types = vocab.token_types + [USER_DEFINED_TOKEN_TYPE] * len(extra_user_defined)
+    write_tokenizer_gguf(path, "gpt2", tokens, types, add_bos, tokenizer_pre=pre,
+                         token_merges=vocab.merges)
+
+
+def write_tokenizer_gguf(path, model: str, tokens: list[str], types: list[int],
+                         add_bos: bool | None, **fields) -> None:
+    """A GGUF of tokenizer metadata and one tensor, no model: BOS id 1, EOS id 2, the BOS flag
+    unless None, and ``fields`` as further ``GGUFWriter.add_<name>(value)`` calls."""
+    import gguf
+    import numpy as np
+
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_model(model)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(vocab.merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_add_bos_token(add_bos)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    for name, value in fields.items():
+        getattr(writer, f"add_{name}")(value)
     writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -184,9 +193,6 @@ def write_sentencepiece_gguf(path, num_pieces: int, add_bos: bool | None,
     """A SentencePiece-style GGUF vocabulary, as LLaMA-2 files store one: <unk>, <s>, </s>, the
     256 byte pieces <0x00>..<0xFF>, then pieces with descending scores and no merges. The pieces
     are SmolLM2's first byte-level tokens spelled as text, "▁" for a space."""
-    import gguf
-    import numpy as np
-
     from flexalisa.models import default_model_path
     from flexalisa.models.gguf_loader import open_gguf
     from flexalisa.models.gguf_tokenizer import byte_alphabet, gguf_vocab
@@ -211,22 +217,8 @@ def write_sentencepiece_gguf(path, num_pieces: int, add_bos: bool | None,
     tokens.append("<|user|>")  # a user-defined token, matched whole
     types.append(4)
     scores = [0.0] * 259 + [-float(i) for i in range(num_pieces)] + [0.0]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_space_prefix(add_space_prefix)
-    if add_bos is not None:
-        writer.add_add_bos_token(add_bos)
-    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tokenizer_gguf(path, "llama", tokens, types, add_bos, token_scores=scores,
+                         unk_token_id=0, add_space_prefix=add_space_prefix)
 
 
 @pytest.mark.parametrize("add_bos, add_space_prefix", [(None, True), (False, False)])
