@@ -122,16 +122,16 @@ class LLM:
         conversation, a list of {"role", "content"} messages (always put through it).
         ``labels`` name the prompts in errors (default "prompt <index>")."""
         tok = self.tokenizer
+        labels = labels or [f"prompt {i}" for i in range(len(prompts))]
         texts = []
-        for i, prompt in enumerate(prompts):
+        for prompt, label in zip(prompts, labels):
             if not isinstance(prompt, str):
-                prompt = check_messages(prompt, labels[i] if labels else f"prompt {i}")
+                prompt = check_messages(prompt, label)
             texts.append(tok.apply_chat_template(prompt) if chat or isinstance(prompt, list)
                          else prompt)
         token_lists = tok.encode_batch(texts)
         max_len = self.weights.spec.max_seq_len
-        for i, ids in enumerate(token_lists):
-            label = labels[i] if labels else f"prompt {i}"
+        for label, ids in zip(labels, token_lists):
             if not ids:
                 raise JobInputError(f"{label} is empty")
             if len(ids) >= max_len:

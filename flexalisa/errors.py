@@ -25,3 +25,8 @@ class BudgetError(FlexalisaError):
     def __init__(self, message: str, device_over: int = 0) -> None:
         super().__init__(message)
         self.device_over = device_over
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (tokenizers' messages span several)."""
+    return " ".join(str(exc).split())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from flexalisa.api import LLM
+from flexalisa.api import LLM, check_stops
 from flexalisa.attention import SparsityMethod
 from flexalisa.errors import JobInputError
 from flexalisa.jobs import append_results, plan_batches, read_prompts, repair_and_read_done
@@ -39,8 +39,7 @@ class GenerateConfig:
             raise ValueError(f"--gen-len must be >= 1, got {self.gen_len}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not all(self.stop):
-            raise ValueError("--stop must not be empty")
+        check_stops(self.stop)
 
 
 def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:

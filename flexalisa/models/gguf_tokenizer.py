@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from flexalisa.errors import ModelLoadError
+from flexalisa.errors import ModelLoadError, one_line
 
 CONTROL_TOKEN_TYPE = 3  # llama.cpp token type: control (special) token
 USER_DEFINED_TOKEN_TYPE = 4  # llama.cpp token type: added token matched whole, not special
@@ -194,7 +194,7 @@ def _bpe(ids: dict[str, int], pairs: list, **options) -> HFTokenizer:
         return HFTokenizer(models.BPE(vocab=ids, merges=pairs, **options))
     except Exception as exc:  # tokenizers raises a bare Exception on a malformed vocabulary
         raise ModelLoadError("GGUF tokenizer metadata does not make a BPE vocabulary "
-                             f"({' '.join(str(exc).split())})") from None
+                             f"({one_line(exc)})") from None
 
 
 def _add_bos_eos(backend: HFTokenizer, vocab: GGUFVocab) -> None:

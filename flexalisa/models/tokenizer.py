@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from flexalisa.errors import ModelLoadError
+from flexalisa.errors import ModelLoadError, one_line
 from flexalisa.models.gguf_tokenizer import GGUFVocab, gguf_backend
 
 
@@ -64,8 +64,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-            raise ModelLoadError(f"{path}: cannot read tokenizer ({' '.join(str(exc).split())})"
-                                 ) from None
+            raise ModelLoadError(f"{path}: cannot read tokenizer ({one_line(exc)})") from None
         template = None
         config = path.parent / "tokenizer_config.json"
         if config.is_file():
@@ -100,9 +99,8 @@ class Tokenizer:
         try:
             backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         except Exception as exc:  # tokenizers raises a bare Exception on a malformed vocab
-            reason = " ".join(str(exc).split())  # tokenizers' message spans lines
             raise ModelLoadError(f"{directory}: cannot build the BPE from vocab.json / "
-                                 f"merges.txt ({reason})") from None
+                                 f"merges.txt ({one_line(exc)})") from None
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(
             add_prefix_space=bool(config.get("add_prefix_space", False)))
         backend.decoder = decoders.ByteLevel()

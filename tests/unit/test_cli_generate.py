@@ -118,3 +118,10 @@ def test_stop_strings_from_the_flag_and_per_line(tiny_chat_model, tmp_path):
         if k != 0:
             assert got[k]["text"] == ref[k][:ref[k].find(stop)] if k in stopped else ref[k]
             assert got[k]["finish_reason"] == ("stop" if k in stopped else "length")
+
+
+def test_empty_stop_flag_is_an_error(tiny_chat_model, tmp_path, capsys):
+    code, out = run(tiny_chat_model, tmp_path, PROMPTS[:1], "--stop", "")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "stop strings must be non-empty" in err and "\n" not in err
+    assert not out.exists()
