@@ -1,0 +1,32 @@
+"""scripts/decode_gemms.py: times a decode step's weight GEMMs with each layer's own weights and
+with one cache-resident layer's, on the model's real matrix shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+
+def load_script():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "decode_gemms.py"
+    spec = importlib.util.spec_from_file_location("decode_gemms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reports_both_timings_for_the_models_matrices(tiny_chat_model, capsys):
+    script = load_script()
+    assert script.main(["--model", str(tiny_chat_model), "--rows", "4", "--repeat", "3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = json.loads((tiny_chat_model / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    assert out["layers"] == layers and out["rows"] == 4
+    assert out["matrices"]["w_down"] == [hidden, config["intermediate_size"]]
+    assert out["matrices"]["w_gate_up"] == [2 * config["intermediate_size"], hidden]
+    per_layer = sum(o * i for o, i in out["matrices"].values())
+    assert out["weight_mb"] == per_layer * 4 * layers / 1e6
+    for key in ("own_weights_ms", "cached_weights_ms", "own_weights_gflops", "gemm_peak_gflops"):
+        assert out[key] > 0
+    assert out["own_weights_gflops"] == 2 * 4 * layers * per_layer / out["own_weights_ms"] / 1e6
