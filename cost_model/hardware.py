@@ -35,6 +35,7 @@ from typing import Any
 from cost_model.jsonio import dataclass_from_dict, dataclass_to_dict, load_json, save_json
 
 SKINNY_ROWS = 256  # GEMMs with fewer rows (tokens) than this use the decode-like rate
+RUNNERS = ("offload", "engine")  # what runs a policy: the offloading runtime or the engine
 
 _POSITIVE = ("gpu_mem_bytes", "cpu_mem_bytes", "h2d_bytes_per_s", "d2h_bytes_per_s",
              "gpu_gemm_flops_per_s", "gpu_skinny_flops_per_s", "gpu_mem_bytes_per_s",
@@ -63,6 +64,10 @@ class HardwareProfile:
     # fixed cost per layer per GPU batch per step: kernel launches and the runtime's per-op
     # Python (a profile times the offloading runtime itself on a tiny model)
     layer_overhead_s: float = 2e-4
+    # the same for the all-on-device engine, which flexalisa runs for a searched policy that
+    # offloads nothing (no tiers or copy bookkeeping: about half the runtime's on a CPU);
+    # None = not measured, layer_overhead_s is used
+    engine_layer_overhead_s: float | None = None
     # what a sparse decode step costs beyond attending its selected tokens (SWA's select and
     # observe, gathering the selection, attention that returns its weights), per layer per GPU
     # batch: a fixed part plus a part per sequence per cached token (scores are O(context));
@@ -83,6 +88,9 @@ class HardwareProfile:
             value = getattr(self, field_name)
             if not value >= 0:
                 raise ValueError(f"{field_name} must be >= 0, got {value!r}")
+        engine = self.engine_layer_overhead_s
+        if engine is not None and not engine >= 0:
+            raise ValueError(f"engine_layer_overhead_s must be None or >= 0, got {engine!r}")
         if not 0.0 <= self.copy_overlap <= 1.0:
             raise ValueError(f"copy_overlap must be in [0, 1], got {self.copy_overlap!r}")
         self._check_table()
@@ -110,6 +118,16 @@ class HardwareProfile:
         by_inner = [_interp([(r, f) for r, k2, f in self.gemm_flops_table if k2 == k], rows)
                     for k in inners]
         return _interp(list(zip(inners, by_inner)), inner_dim or inners[-1])
+
+    def for_runner(self, runner: str) -> HardwareProfile:
+        """The profile as it prices a policy run by ``runner``: "offload" (the offloading
+        runtime: this profile) or "engine" (the all-on-device engine: its own per-layer cost,
+        where measured)."""
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+        if runner == "offload" or self.engine_layer_overhead_s is None:
+            return self
+        return self.replace(layer_overhead_s=self.engine_layer_overhead_s)
 
     def with_memory(self, gpu_mem_bytes: int | None = None,
                     cpu_mem_bytes: int | None = None) -> HardwareProfile:

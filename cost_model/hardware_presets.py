@@ -15,7 +15,8 @@ Derating rules, applied to every preset alike:
 * ``layer_overhead_s = 2e-4``: ~20 kernel launches of ~10 us per layer from Python. The
   offloading runtime's own per-layer Python measured ~1 ms per layer-step on this project's
   CPU box (``python -m cost_model profile``), how much of it hides behind device work on a GPU
-  is unmeasured; a profile measured on the GPU machine times it there.
+  is unmeasured; a profile measured on the GPU machine times it there. ``engine_layer_overhead_s``
+  stays None (the engine is priced like the runtime) for the same reason.
 * ``selection_overhead_s`` and ``selection_s_per_token`` stay 0: what a sparse step's select,
   gather and observe cost on a GPU, beyond its attention, has not been measured here (no GPU
   was lent), and how much of their ~25 launches per layer hides behind device work is not

@@ -159,42 +159,51 @@ def _layer_overhead_s(torch: Any, timer: _Timer, device: str, dtype: Any) -> flo
 RUNTIME_LAYERS = (2, 10)  # decoder layers of the two tiny models the runtime overhead is fit on
 
 
-def _runtime_layer_overhead_s(torch: Any, timer: _Timer, device: str) -> float | None:
-    """What the offloading runtime itself costs per layer per GPU batch and step: the per-op
-    Python of its loop (load, compute, store of each layer), its copies' dispatch and its
-    kernels' launches, measured by running ``flexalisa.runtime.OffloadRunner`` on two tiny
-    LLaMA models (64 channels, so compute is negligible) of ``RUNTIME_LAYERS`` layers, with
-    the placement the searches pick on this box (half the layers streamed, every KV entry in
-    the CPU tier, CPU-delegated attention), and dividing the difference by the extra
-    layer-steps. None where flexalisa is not installed beside the cost model.
+def _layer_step_overheads_s(torch: Any, timer: _Timer, device: str) -> dict[str, float]:
+    """What flexalisa itself costs per layer per GPU batch and step, beyond the arithmetic:
+    the per-op Python of its loops, its copies' dispatch and its kernels' launches.
+
+    ``layer_overhead_s``: the offloading runtime (``flexalisa.runtime.OffloadRunner``) with the
+    placement the searches pick on this box (half the layers streamed, every KV entry in the CPU
+    tier, CPU-delegated attention). ``engine_layer_overhead_s``: the all-on-device engine
+    (``flexalisa.engine.Engine``), which runs a searched policy that offloads nothing. Each
+    runs on two tiny LLaMA models (64 channels, so compute is negligible) of ``RUNTIME_LAYERS``
+    layers; the difference is divided by the extra layer-steps. Empty where flexalisa is not
+    installed beside the cost model.
     """
     try:
         from cost_model.spec import ModelSpec
+        from flexalisa.engine import Engine
         from flexalisa.models.dummy import dummy_weights
         from flexalisa.runtime import OffloadRunner
         from policy import Policy
     except ImportError:
-        return None
+        return {}
     batch, prompt_len, gen_len = 4, 16, 17
     policy = Policy(gpu_batch_size=batch, num_gpu_batches=1, weights_gpu_share=0.5,
                     weights_cpu_share=0.5, kv_gpu_share=0.0, kv_cpu_share=1.0,
                     kv_recompute_share=0.0, phase2_start_step=0, phase3_start_step=None,
                     act_gpu_share=1.0, act_cpu_share=0.0, cpu_attention=True)
     prompts = [[5] * prompt_len] * batch
-    sub = _Timer(timer.clock, timer.sync, timer.budget_s / 2)
-    seconds = []
-    for layers in RUNTIME_LAYERS:
-        spec = ModelSpec(family="llama", vocab_size=256, hidden_size=64, num_layers=layers,
-                         num_heads=4, num_kv_heads=2, ffn_size=128, max_seq_len=64,
-                         eos_token_ids=(2,), pad_token_id=0)
-        runner = OffloadRunner(dummy_weights(spec), policy, device=device)
-        try:
-            seconds.append(sub.best_s(lambda r=runner: r.generate(prompts, gen_len,
-                                                                  ignore_eos=True)))
-        finally:
-            runner.close()
-    return max(0.0, seconds[1] - seconds[0]) / ((RUNTIME_LAYERS[1] - RUNTIME_LAYERS[0])
-                                                 * gen_len)
+    makers = {"layer_overhead_s": lambda w: OffloadRunner(w, policy, device=device),
+              "engine_layer_overhead_s": lambda w: Engine(w, device=device)}
+    sub = _Timer(timer.clock, timer.sync, timer.budget_s / (2 * len(makers)))
+    out = {}
+    for name, make in makers.items():
+        seconds = []
+        for layers in RUNTIME_LAYERS:
+            spec = ModelSpec(family="llama", vocab_size=256, hidden_size=64, num_layers=layers,
+                             num_heads=4, num_kv_heads=2, ffn_size=128, max_seq_len=64,
+                             eos_token_ids=(2,), pad_token_id=0)
+            generator = make(dummy_weights(spec))
+            try:
+                seconds.append(sub.best_s(lambda g=generator: g.generate(
+                    prompts, gen_len, ignore_eos=True)))
+            finally:
+                getattr(generator, "close", lambda: None)()
+        out[name] = max(0.0, seconds[1] - seconds[0]) / (
+            (RUNTIME_LAYERS[1] - RUNTIME_LAYERS[0]) * gen_len)
+    return out
 
 
 SELECTION_POINTS = ((16, 128), (16, 512))  # (sequences, cached tokens) the fit is drawn through
@@ -259,49 +268,75 @@ def _selection_costs(torch: Any, timer: _Timer, device: str, dtype: Any
             "selection_s_per_token": slope}
 
 
-def _linear_rate(timer: _Timer, x: Any, weights: list[Any]) -> float:
-    """FLOP/s of x @ W.T (torch's Linear layout) over each weight in turn."""
+def _linear_rate(timer: _Timer, x: Any, weights: list[Any],
+                 multiply: Callable[[Any, Any], Any] | None = None) -> float:
+    """FLOP/s of x @ W.T (torch's Linear layout) over each weight in turn, by ``multiply(x, w)``
+    (default ``x @ w.T``)."""
+    multiply = multiply or (lambda a, w: a @ w.T)
+
     def run() -> None:
         for w in weights:
-            x @ w.T
+            multiply(x, w)
 
     rows, inner = x.shape
     return 2.0 * rows * inner * weights[0].shape[0] * len(weights) / timer.best_s(run)
 
 
+def _runtime_linear(torch: Any, device: str, dtype: Any
+                    ) -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None:
+    """(pack, multiply) as flexalisa's engine and runtime multiply weights on this device
+    (``flexalisa.models.linear``: oneDNN-packed fp32 weights on a CPU, which run 2-2.5x the
+    rate of plain GEMMs at 4-16 rows on some CPUs); None where they multiply plain tensors or
+    flexalisa is not installed beside the cost model."""
+    try:
+        from flexalisa.models.linear import can_pack, linear, pack
+    except ImportError:
+        return None
+    return (pack, linear) if can_pack(torch.device(device), dtype) else None
+
+
 def _gemm_table(torch: Any, timer: _Timer, device: str, dtype: Any
-                ) -> tuple[tuple[int, int, float], ...]:
-    """(rows, inner, FLOP/s) over GEMM_TABLE_ROWS x GEMM_TABLE_INNER with (4096, inner) weights.
+                ) -> tuple[tuple[tuple[int, int, float], ...], float]:
+    """(rows, inner, FLOP/s) over GEMM_TABLE_ROWS x GEMM_TABLE_INNER with (4096, inner) weights,
+    multiplied as flexalisa's engine and runtime multiply them (``_runtime_linear``), and the
+    plain one-row GEMV rate over the widest weights (a memory-bandwidth reading).
 
     Points with <= 64 rows stream 256 MiB of distinct weights (past any last-level cache), as a
     decode step streams a model's layers; larger row counts reuse one weight (compute-bound).
     """
     sub = _Timer(timer.clock, timer.sync,
-                 timer.budget_s / (len(GEMM_TABLE_ROWS) * len(GEMM_TABLE_INNER)))
-    table = []
+                 timer.budget_s / (len(GEMM_TABLE_ROWS) * len(GEMM_TABLE_INNER) + 1))
+    packing = _runtime_linear(torch, device, dtype)
+    table, gemv = [], 0.0
     for inner in GEMM_TABLE_INNER:
         one = 4096 * inner * torch.finfo(dtype).bits // 8
         weights = [torch.empty(4096, inner, device=device, dtype=dtype).uniform_()
                    for _ in range(max(1, 256 * MIB // one))]
+        if inner == GEMM_TABLE_INNER[-1]:
+            gemv = _linear_rate(sub, torch.randn(1, inner, device=device, dtype=dtype), weights)
+        multiply = None
+        if packing is not None:
+            weights, multiply = [packing[0](w) for w in weights], packing[1]
         for rows in GEMM_TABLE_ROWS:
             x = torch.randn(rows, inner, device=device, dtype=dtype)
             table.append((rows, inner, _linear_rate(sub, x, weights if rows <= 64 else
-                                                    weights[:1])))
-    return tuple(sorted(table))
+                                                    weights[:1], multiply)))
+        del weights
+    return tuple(sorted(table)), gemv
 
 
 def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> dict[str, Any]:
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     big = 4096 if cuda else 1024
-    table = _gemm_table(torch, _Timer(timer.clock, timer.sync, 2 * timer.budget_s), device,
-                        dtype)
+    table, gemv = _gemm_table(torch, _Timer(timer.clock, timer.sync, 2 * timer.budget_s),
+                              device, dtype)
     rate = {(m, k): f for m, k, f in table}
     out: dict[str, Any] = dict(
         gpu_gemm_flops_per_s=_gemm_rate(torch, timer, device, dtype, big, big, big),
         gpu_skinny_flops_per_s=rate[(16, GEMM_TABLE_INNER[-1])], gemm_flops_table=table,
-        layer_overhead_s=_runtime_layer_overhead_s(torch, timer, device)
-        or _layer_overhead_s(torch, timer, device, dtype),
         **_selection_costs(torch, timer, device, dtype))
+    out.update(_layer_step_overheads_s(torch, timer, device)
+               or {"layer_overhead_s": _layer_overhead_s(torch, timer, device, dtype)})
     if cuda:
         pinned = torch.empty(64 * MIB, dtype=torch.uint8).pin_memory()
         dev_a = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
@@ -312,7 +347,7 @@ def _device_rates(torch: Any, timer: _Timer, cuda: bool, host_copy: float) -> di
                    gpu_name=torch.cuda.get_device_name(0), link_name="PCIe (measured)",
                    gpu_mem_bytes=torch.cuda.get_device_properties(0).total_memory)
     else:
-        gemv = rate[(1, GEMM_TABLE_INNER[-1])]  # streams 256 MiB of (4096, 4096) weights
+        # gemv: a plain one-row GEMV streaming 256 MiB of (4096, 4096) weights
         out.update(h2d_bytes_per_s=host_copy, d2h_bytes_per_s=host_copy,
                    # copies inline on the compute thread (no free CPU) cannot overlap at all
                    copy_overlap=(_copy_overlap(torch, timer.budget_s)

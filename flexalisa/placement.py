@@ -114,22 +114,16 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
     note = (f" (searched as if the device had {format_bytes(searched_bytes)}, so that the "
             f"runtime's own plan fits)" if gpu is not None and searched_bytes < gpu else "")
     print(f"auto-policy: {result.policy.describe()}{note}", file=sys.stderr)
-    if all_on_device(result.policy):  # nothing to offload: the engine runs it faster
+    # Nothing to offload: the engine does the runner's work without its bookkeeping (the runner
+    # was 21% slower at SmolLM2 batch 32 on this project's CPU box). The memory plan has been
+    # checked; the Engine prefills in chunks of the runtime's ~1024 tokens, so its prefill
+    # scratch is about the planned one (its chunks may span GPU batches).
+    if result.policy.all_on_device:
         runner.close()
         print("auto-policy: everything fits on the device; running the all-on-device engine",
               file=sys.stderr)
         return Engine(weights, device=device, method=method), result.policy, result.prediction
     return runner, result.policy, result.prediction
-
-
-def all_on_device(policy: Policy) -> bool:
-    """Whether ``policy`` keeps every weight, activation and KV entry on the device, uncompressed:
-    the runner would then only add its bookkeeping to what the Engine does (21% slower at
-    SmolLM2 batch 32 on this project's CPU box). Its memory plan has been checked by then; the
-    Engine prefills in chunks of the runtime's ~1024 tokens, so its prefill scratch is about the
-    planned one (its chunks may span GPU batches when num_gpu_batches > 1)."""
-    return (policy.weights_gpu_share == 1.0 and policy.act_gpu_share == 1.0
-            and policy.kv_gpu_share == 1.0 and policy.weight_compression == "none")
 
 
 def _check_sparsity(method, policy: Policy) -> None:

@@ -104,6 +104,14 @@ class Policy:
         """Effective batch: sequences per block."""
         return self.gpu_batch_size * self.num_gpu_batches
 
+    @property
+    def all_on_device(self) -> bool:
+        """Whether every weight, activation and KV entry stays on the device, uncompressed:
+        nothing to offload. flexalisa runs such a policy, when the cost model chose it, on the
+        all-on-device engine, which does the runtime's work without its bookkeeping."""
+        return (self.weights_gpu_share == 1.0 and self.act_gpu_share == 1.0
+                and self.kv_gpu_share == 1.0 and self.weight_compression == "none")
+
     def describe(self) -> str:
         """One line in FlexGen's order: batch, then weight / KV / activation shares in percent."""
         pct = [self.weights_gpu_share, self.weights_cpu_share, self.kv_gpu_share,

@@ -118,8 +118,16 @@ def check_workload(spec: ModelSpec, prompt_len: int, gen_len: int) -> Workload:
 
 
 def predict(spec: ModelSpec, hw: HardwareProfile, policy: Policy, prompt_len: int,
-            gen_len: int) -> Prediction:
-    """Predicted throughput of ``policy``; ``Prediction.violations`` lists memory overruns."""
+            gen_len: int, runner: str = "offload") -> Prediction:
+    """Predicted throughput of ``policy``; ``Prediction.violations`` lists memory overruns.
+
+    ``runner``: what runs it, the offloading runtime ("offload", as for a policy file) or the
+    all-on-device engine ("engine"; only for a policy that offloads nothing), each with its own
+    per-layer cost (``HardwareProfile.for_runner``).
+    """
+    if runner == "engine" and not policy.all_on_device:
+        raise ValueError("only a policy that keeps everything on the device runs on the engine")
+    hw = hw.for_runner(runner)
     workload = check_workload(spec, prompt_len, gen_len)
     p1, p2 = resolve_phase_starts(spec, hw, policy, workload)
     est = estimate(spec, hw, policy_knobs(policy, p1, p2), workload, policy_assignment(policy))

@@ -141,10 +141,12 @@ def search(spec: ModelSpec, hw: HardwareProfile, prompt_len: int, gen_len: int,
     workload = check_workload(spec, prompt_len, gen_len)
     knobs_list = _candidates(space, workload)
     ranked = []
+    # a bound for every candidate: any of them may turn out all on device, run by the engine
+    bound_hw = min((hw, hw.for_runner("engine")), key=lambda h: h.layer_overhead_s)
     for knobs in knobs_list:
         gpu_need, total_need = memory_lower_bounds(spec, hw, knobs, workload)
         if gpu_need <= hw.gpu_mem_bytes and total_need <= hw.gpu_mem_bytes + hw.cpu_mem_bytes:
-            bound = knobs.batch * gen_len / time_lower_bound(spec, hw, knobs, workload)
+            bound = knobs.batch * gen_len / time_lower_bound(spec, bound_hw, knobs, workload)
             ranked.append((-bound, len(ranked), knobs))
     ranked.sort(key=lambda item: (item[0], item[1]))
     best: tuple[float, Knobs, dict[str, float]] | None = None
@@ -156,12 +158,19 @@ def search(spec: ModelSpec, hw: HardwareProfile, prompt_len: int, gen_len: int,
         num_solved += 1
         if placement is None:
             continue
-        est = estimate(spec, hw, knobs, workload, placement)
+        est = estimate(spec, hw.for_runner(_runner(_to_policy(knobs, placement, workload,
+                                                             space.style))),
+                       knobs, workload, placement)
         throughput = knobs.batch * gen_len / (est.prefill_s + est.decode_s)
         if not est.violations and (best is None or throughput > best[0]):
             best = (throughput, knobs, placement)
     if best is None:
         raise _infeasible(spec, hw, knobs_list, workload)
     policy = _to_policy(best[1], best[2], workload, space.style)
-    return SearchResult(policy, predict(spec, hw, policy, prompt_len, gen_len), len(knobs_list),
-                        num_solved, space.style)
+    return SearchResult(policy, predict(spec, hw, policy, prompt_len, gen_len, _runner(policy)),
+                        len(knobs_list), num_solved, space.style)
+
+
+def _runner(policy: Policy) -> str:
+    """What flexalisa runs a searched policy on: the engine when it offloads nothing."""
+    return "engine" if policy.all_on_device else "offload"

@@ -3,7 +3,8 @@
 Runs ``flexalisa.engine.Engine`` (the all-on-device engine, fp32 on CPU; its ``prefill`` and
 ``decode_step`` with greedy argmax) with the real SmolLM2-135M GGUF on a 6-workload grid, and
 compares each run with ``policy.predict`` for the matching policy (all weights, KV and
-activations on the device, dense attention, one GPU batch) under a profile measured here
+activations on the device, dense attention, one GPU batch; priced with the profile's per-layer
+cost for the engine, ``engine_layer_overhead_s``, where it has one) under a profile measured here
 (``python -m cost_model profile``) or loaded with ``--hardware hw.json``.
 
 Prints a table on stderr and one JSON object on stdout, with the median absolute relative error
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         for bs, nb, prompt_len, gen_len, wg, kv, method in OFFLOAD_GRID]
     for batch, prompt_len, gen_len, *maybe_policy in grid:
         policy = maybe_policy[0] if maybe_policy else device_policy(batch)
-        pred = predict(spec, hw, policy, prompt_len, gen_len)
+        pred = predict(spec, hw, policy, prompt_len, gen_len,
+                       runner="offload" if maybe_policy else "engine")
         runs = [measure(engine, batch, prompt_len, gen_len, spec.vocab_size) if not maybe_policy
                 else measure_offload(weights, policy, prompt_len, gen_len, spec.vocab_size,
                                      args.gpu_mem)

@@ -83,7 +83,12 @@ def pack_tensor(key: str, t: Tensor) -> Tensor:
     """`t` oneDNN-packed if `key` is in `PACKED_KEYS` (a new tensor), else `t` itself."""
     if key not in PACKED_KEYS or t.is_mkldnn:
         return t
-    return torch.ops.mkldnn._reorder_linear_weight(t.contiguous(), PACK_BATCH_HINT)
+    return pack(t)
+
+
+def pack(weight: Tensor) -> Tensor:
+    """A (out, in) fp32 CPU weight oneDNN-packed for `linear` (a new, opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
 
 
 def pack_weights(weights: ModelWeights) -> ModelWeights:

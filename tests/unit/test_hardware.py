@@ -96,7 +96,8 @@ def test_measure_is_short_and_sane():
     hw = HardwareProfile.measure(gpu_mem_bytes=2**30, budget_s=0.8)
     assert hw.gpu_mem_bytes == 2**30
     assert hw.gpu_gemm_flops_per_s > 1e8 and hw.h2d_bytes_per_s > 1e7
-    assert hw.layer_overhead_s > 0
+    assert hw.layer_overhead_s > 0 and hw.engine_layer_overhead_s is not None
+    assert hw.for_runner("engine").layer_overhead_s == hw.engine_layer_overhead_s
     assert 0.0 <= hw.copy_overlap <= 1.0
     # SWA's sparse path, timed with the runtime's own method: a fixed part and a per-token
     # part, both >= 0 (each clamped), not both 0 (the sparse path costs more than attention)
@@ -134,17 +135,34 @@ def test_gemm_rate_table_interpolates_and_round_trips(tmp_path):
     assert preset.gemm_flops_per_s(4096, 8192) == preset.gpu_gemm_flops_per_s
 
 
-def test_runtime_layer_overhead_is_timed_on_the_runtime_itself():
-    """The profile's per-layer cost comes from running the offloading runtime on two tiny
-    models; it must be positive and include the runtime's bookkeeping, which costs more than
-    the bare op sequence of a layer (``_layer_overhead_s``) does."""
+def test_layer_overheads_are_timed_on_the_runtime_and_the_engine():
+    """The profile's per-layer costs come from running the offloading runtime and the engine on
+    two tiny models; both must be positive. The runtime's includes its bookkeeping, which costs
+    more than the bare op sequence of a layer (``_layer_overhead_s``) and than the engine."""
     import time
 
     import torch
 
-    from cost_model.profiling import _layer_overhead_s, _runtime_layer_overhead_s, _Timer
+    from cost_model.profiling import _layer_overhead_s, _layer_step_overheads_s, _Timer
 
-    timer = _Timer(time.perf_counter, lambda: None, 0.5)
-    runtime = _runtime_layer_overhead_s(torch, timer, "cpu")
-    assert runtime is not None and 0 < runtime < 0.1
+    timer = _Timer(time.perf_counter, lambda: None, 1.0)
+    measured = _layer_step_overheads_s(torch, timer, "cpu")
+    runtime, engine = measured["layer_overhead_s"], measured["engine_layer_overhead_s"]
+    assert 0 < engine < runtime < 0.1
     assert runtime > _layer_overhead_s(torch, timer, "cpu", torch.float32)
+
+
+def test_engine_layer_overhead_prices_engine_runs_only():
+    """``engine_layer_overhead_s`` replaces the runtime's per-layer cost only for a policy the
+    all-on-device engine runs; a profile without it (presets, older files) prices both alike."""
+    hw = HARDWARE_PRESETS["a100-40g"]
+    assert hw.engine_layer_overhead_s is None and hw.for_runner("engine") == hw
+    measured = hw.replace(layer_overhead_s=9e-4, engine_layer_overhead_s=3e-4)
+    assert measured.for_runner("offload") == measured
+    assert measured.for_runner("engine") == measured.replace(layer_overhead_s=3e-4)
+    with pytest.raises(ValueError, match="runner"):
+        measured.for_runner("vllm")
+    with pytest.raises(ValueError, match="engine_layer_overhead_s"):
+        hw.replace(engine_layer_overhead_s=-1e-6)
+    old = {k: v for k, v in measured.to_dict().items() if k != "engine_layer_overhead_s"}
+    assert HardwareProfile.from_dict(old).engine_layer_overhead_s is None

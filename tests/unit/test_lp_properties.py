@@ -96,3 +96,23 @@ def test_infeasible_error_is_a_value_error():
 def test_workload_beyond_context_is_rejected():
     with pytest.raises(ValueError, match="max_seq_len 512"):
         search(SPEC, HW, 500, 100)
+
+
+def test_a_searched_policy_that_offloads_nothing_is_priced_as_the_engine_runs_it():
+    """flexalisa runs a searched policy that keeps everything on the device on the engine, so
+    the search prices it with the engine's per-layer cost; a policy file that offloads nothing
+    runs on the runtime and keeps the runtime's."""
+    from dataclasses import replace
+
+    roomy = HW.replace(gpu_mem_bytes=4 * 2**30, layer_overhead_s=5e-4,
+                       engine_layer_overhead_s=2e-6)
+    result = search(SPEC, roomy, 32, 8, SearchSpace(gpu_batch_sizes=(4,), num_gpu_batches=(1,)))
+    assert result.policy.all_on_device
+    engine = predict(SPEC, roomy, result.policy, 32, 8, runner="engine")
+    assert result.prediction == engine
+    assert engine == predict(SPEC, roomy.replace(layer_overhead_s=2e-6), result.policy, 32, 8)
+    assert engine.total_tok_per_s > predict(SPEC, roomy, result.policy, 32, 8).total_tok_per_s
+    offloading = replace(result.policy, weights_gpu_share=0.5, weights_cpu_share=0.5)
+    assert not offloading.all_on_device
+    with pytest.raises(ValueError, match="engine"):
+        predict(SPEC, roomy, offloading, 32, 8, runner="engine")
