@@ -31,7 +31,7 @@ from flexalisa.jobs import check_messages, plan_batches
 from flexalisa.models import load_model
 from flexalisa.placement import PlacementRequest, Workload, hardware_profile, make_generator
 from flexalisa.report import RunStats, merge_extras
-from flexalisa.sampling import SamplingParams
+from flexalisa.sampling import SamplingParams, per_row
 from flexalisa.stops import StopStrings, cut_at_stop
 
 
@@ -174,7 +174,8 @@ class LLM:
 
     # ---- generating -----------------------------------------------------------------------
     def chat(self, conversations: list[dict] | list[list[dict]],
-             max_new_tokens: int | list[int] = 64, sampling: SamplingParams | None = None,
+             max_new_tokens: int | list[int] = 64,
+             sampling: SamplingParams | list[SamplingParams] | None = None,
              **kwargs) -> list[Completion]:
         """``generate`` for conversations (one, or a list of them), each a list of {"role",
         "content"} messages put through the model's chat template; vLLM's ``LLM.chat``."""
@@ -184,12 +185,14 @@ class LLM:
 
     def generate(self, prompts: str | list[str | list[dict]],
                  max_new_tokens: int | list[int] = 64,
-                 sampling: SamplingParams | None = None, *, stop: str | list[str] = (),
+                 sampling: SamplingParams | list[SamplingParams] | None = None, *,
+                 stop: str | list[str] = (),
                  ignore_eos: bool = False, chat: bool = False,
                  progress: bool = False) -> list[Completion]:
         """One Completion per prompt, in input order. Prompts are batched by token length;
-        ``max_new_tokens`` is one limit or one per prompt; row i's sample depends only on
-        (``sampling.seed``, i); a row also ends once its text contains one of the ``stop``
+        ``max_new_tokens`` is one limit or one per prompt, and ``sampling`` one SamplingParams
+        or one per prompt (as vLLM's); row i's sample depends only on its params and
+        (their ``seed``, i); a row also ends once its text contains one of the ``stop``
         strings (finish_reason "stop", the text cut before it; EOS still ends rows unless
         ``ignore_eos``); ``chat`` wraps each text prompt in the model's chat template as a
         user turn; a prompt may also be a conversation (see ``encode``)."""
@@ -202,6 +205,10 @@ class LLM:
             raise FlexalisaError(f"max_new_tokens must be >= 1, one value or one per prompt "
                                  f"({len(prompts)}), got {max_new_tokens!r}")
         stops = check_stops((stop,) if isinstance(stop, str) else stop)
+        try:
+            params = per_row(sampling, len(prompts))
+        except ValueError as exc:
+            raise FlexalisaError(str(exc)) from None
         token_lists = self.encode(prompts, chat)
         generator, _, _ = self.prepare(self.workload(token_lists, limits))
         self.stats = RunStats()
@@ -212,7 +219,8 @@ class LLM:
                                       self.effective_batch_size):
                 done = self.run_batch(generator, [token_lists[i] for i in batch],
                                       [limits[i] for i in batch], [json.dumps(i) for i in batch],
-                                      sampling, ignore_eos, bar.update if bar else None,
+                                      [params[i] for i in batch], ignore_eos,
+                                      bar.update if bar else None,
                                       [stops] * len(batch))
                 for i, completion in zip(batch, done):
                     out[i] = completion
@@ -222,11 +230,13 @@ class LLM:
         return out  # type: ignore[return-value]
 
     def run_batch(self, generator, token_lists: list[list[int]], limits: list[int],
-                  keys: list[str], sampling: SamplingParams | None, ignore_eos: bool,
+                  keys: list[str], sampling: SamplingParams | list[SamplingParams] | None,
+                  ignore_eos: bool,
                   on_tokens: Callable[[int], None] | None = None,
                   stops: list[tuple[str, ...]] | None = None) -> list[Completion]:
         """One batch through ``generator`` (from ``prepare``); its throughput adds to
-        ``self.stats``. ``keys`` seed each row's sampler; ``stops``: each row's stop strings.
+        ``self.stats``. ``sampling``: one SamplingParams or one per row; ``keys`` seed each
+        row's sampler; ``stops``: each row's stop strings.
 
         Out of device memory, the batch runs again as two halves, down to one prompt (the
         offloading runner retries inside, with smaller GPU batches); each row's sample still
@@ -249,8 +259,8 @@ class LLM:
             self.stats.extras["oom_splits"] = self.stats.extras.get("oom_splits", 0) + 1
             return [c for part in (slice(None, half), slice(half, None))
                     for c in self.run_batch(generator, token_lists[part], limits[part],
-                                            keys[part], sampling, ignore_eos, on_tokens,
-                                            stops[part])]
+                                            keys[part], per_row(sampling, len(keys))[part],
+                                            ignore_eos, on_tokens, stops[part])]
         self.stats.add(len(token_lists), result.num_prompt_tokens,
                        sum(len(t) for t in result.tokens), result.prefill_s, result.decode_s)
         if result.extras:

@@ -31,7 +31,7 @@ from flexalisa.models.family import family_of
 from flexalisa.models.linear import can_pack, pack_weights
 from flexalisa.models.weights import ModelWeights
 from flexalisa.prefill import prefill_chunks, prefill_layer, prefill_mask, prefill_rows
-from flexalisa.sampling import SamplingParams, row_generators, sample
+from flexalisa.sampling import RowSampler, Sampling, per_row
 from flexalisa.stops import StopWhen
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
@@ -211,23 +211,24 @@ class Engine:
 
     # ---- the generation loop ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
-                 sampling: SamplingParams | None = None, ignore_eos: bool = False,
+                 sampling: Sampling | None = None, ignore_eos: bool = False,
                  row_keys: list[str] | None = None,
                  on_tokens: Callable[[int], None] | None = None,
                  stop_when: StopWhen | None = None) -> GenerationResult:
         """Generate for left-padded `prompts` until EOS, each row's limit, or ``stop_when(row,
         tokens)`` (stop strings, flexalisa/stops.py; a row it ends finishes with "stop").
 
+        sampling: one SamplingParams for every row or one per row (greedy by default);
         row_keys seed each row's sampler (see sampling.py); on_tokens(n) is called after every
         step with the number of tokens just produced, for progress bars.
         """
-        sampling = sampling or SamplingParams()
         limits = row_limits(max_new_tokens, prompts, self.spec.max_seq_len)
         ids, valid = left_pad(prompts, self.spec.pad_token_id or 0)
         length = ids.shape[1]
         cache = KVCache(self.spec, len(prompts), length + max(limits), self.device, self.dtype)
         state = self.new_method_state(len(prompts), cache.max_len)
-        gens = row_generators(sampling, row_keys or [str(i) for i in range(len(prompts))])
+        sampler = RowSampler(per_row(sampling, len(prompts)),
+                             row_keys or [str(i) for i in range(len(prompts))])
         eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device)
         out: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
@@ -239,7 +240,7 @@ class Engine:
         self._sync()
         t1 = time.perf_counter()
         while True:
-            next_ids = sample(logits, sampling, gens and [gens[r] for r in active])
+            next_ids = sampler.sample(logits, active)
             is_eos = torch.isin(next_ids, eos).tolist()
             if on_tokens is not None:
                 on_tokens(len(active))

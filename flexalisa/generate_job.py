@@ -72,7 +72,9 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
             for batch in pending:
                 completions = llm.run_batch(
                     engine, [token_lists[i] for i in batch], [limits[i] for i in batch],
-                    [records[i].key for i in batch], cfg.sampling, cfg.ignore_eos, bar.update,
+                    [records[i].key for i in batch],
+                    [records[i].sampling_params(cfg.sampling) for i in batch], cfg.ignore_eos,
+                    bar.update,
                     [cfg.stop if records[i].stop is None else records[i].stop for i in batch])
                 # rows already done were recomputed only so their batch-mates see the same batch
                 append_results(cfg.output, [

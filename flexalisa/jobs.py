@@ -1,7 +1,8 @@
 """JSONL batch jobs: read and validate prompts, resume from an existing output, write results.
 
 Input lines:  {"id": <str|int>, "prompt": <str>, "max_new_tokens": <int, optional>,
-               "stop": <str or list of str, optional>}
+               "stop": <str or list of str, optional>, "temperature": <number, optional>,
+               "top_p": <number, optional>, "seed": <int, optional>}
               or "messages": [{"role": <str>, "content": <str>}, ...] instead of "prompt": a
               conversation, put through the model's chat template
 Output lines: {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
@@ -17,14 +18,17 @@ before resuming. Lines are never rewritten.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flexalisa.errors import JobInputError
+from flexalisa.sampling import SamplingParams
 
 OUTPUT_KEYS = ("id", "text", "prompt_tokens", "completion_tokens", "finish_reason")
+SAMPLING_KEYS = ("temperature", "top_p", "seed")  # a line's own sampling, over the job's
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class PromptRecord:
     max_new_tokens: int | None  # per-line limit; None = the job's --gen-len
     line_no: int  # 1-based line in the input file, for error messages
     stop: tuple[str, ...] | None = None  # per-line stop strings; None = the job's --stop
+    sampling: tuple[tuple[str, float], ...] = ()  # per-line SAMPLING_KEYS values, over the job's
+
+    def sampling_params(self, job: SamplingParams) -> SamplingParams:
+        """The job's sampling with this line's own values in place of the job's."""
+        return replace(job, **dict(self.sampling)) if self.sampling else job
 
     @property
     def key(self) -> str:
@@ -72,7 +81,23 @@ def _parse_line(text: str, line_no: int, path: Path) -> PromptRecord:
         raise JobInputError(f"{where}: \"stop\" must be a non-empty string or a list of them, "
                             f"got {stop!r}")
     return PromptRecord(obj["id"], prompt, limit, line_no,
-                        None if stop is None else tuple(stop))
+                        None if stop is None else tuple(stop), _line_sampling(obj, where))
+
+
+def _line_sampling(obj: dict, where: str) -> tuple[tuple[str, float], ...]:
+    """A line's "temperature", "top_p" and "seed", checked as SamplingParams checks them."""
+    own = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
+    for key, value in own.items():
+        seed = key == "seed"
+        if (not isinstance(value, int if seed else (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value)):
+            raise JobInputError(f"{where}: \"{key}\" must be "
+                                f"{'an integer' if seed else 'a finite number'}, got {value!r}")
+    try:
+        SamplingParams(**own)
+    except ValueError as exc:
+        raise JobInputError(f"{where}: {exc}") from None
+    return tuple(own.items())
 
 
 def check_messages(messages, where: str) -> list[dict]:

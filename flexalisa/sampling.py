@@ -2,11 +2,14 @@
 
 Each row draws from its own `torch.Generator` seeded from (seed, row key), so a row's sample does
 not depend on which other rows share its batch: a resumed job reproduces an uninterrupted one.
+Rows may have their own `SamplingParams` (a JSONL line's "temperature", "top_p", "seed"; a list
+given to `LLM.generate`); `RowSampler` applies each row's.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +33,62 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def row_generators(params: SamplingParams, keys: list[str]) -> list[torch.Generator] | None:
-    if params.greedy:
-        return None
-    gens = []
-    for key in keys:
-        g = torch.Generator()
-        g.manual_seed(zlib.crc32(f"{params.seed}:{key}".encode()))
-        gens.append(g)
-    return gens
+GREEDY = SamplingParams()
+Sampling = SamplingParams | Sequence[SamplingParams]  # one for every row, or one per row
+
+
+def per_row(sampling: Sampling | None, num_rows: int) -> list[SamplingParams]:
+    """One SamplingParams per row: ``sampling`` repeated, or the given list (checked)."""
+    if sampling is None or isinstance(sampling, SamplingParams):
+        return [sampling or GREEDY] * num_rows
+    params = list(sampling)
+    if len(params) != num_rows or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling must be one SamplingParams or a list of one per prompt "
+                         f"({num_rows}), got {len(params)} items")
+    return params
+
+
+def _generator(params: SamplingParams, key: str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(f"{params.seed}:{key}".encode()))
+    return g
+
+
+class RowSampler:
+    """The sampling params and random generators of a batch's rows.
+
+    ``sample(logits, rows)`` draws the next token of each listed row (the logits' rows, in that
+    order). Rows that share their params are sampled together; a row's draw depends only on its
+    params, key and logits, not on the other rows.
+    """
+
+    def __init__(self, params: list[SamplingParams], keys: list[str]) -> None:
+        if len(params) != len(keys):
+            raise ValueError(f"{len(params)} sampling params for {len(keys)} rows")
+        self.params = params
+        self.generators = [None if p.greedy else _generator(p, key)
+                           for p, key in zip(params, keys)]
+
+    @property
+    def greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
+
+    def sample(self, logits: Tensor, rows: list[int] | None = None) -> Tensor:
+        """logits (b, V) float32 of ``rows`` (default: every row) -> next ids (b,)."""
+        rows = list(range(len(self.params))) if rows is None else rows
+        kinds = {self.params[r] for r in rows}
+        if len(kinds) == 1:  # the common case: one set of params for the whole batch
+            params = kinds.pop()
+            return sample(logits, params, None if params.greedy
+                          else [self.generators[r] for r in rows])
+        out = logits.max(dim=-1).indices  # greedy rows as `sample` picks them
+        for params in kinds:
+            if params.greedy:
+                continue
+            local = [i for i, r in enumerate(rows) if self.params[r] == params]
+            picks = sample(logits[local], params, [self.generators[rows[i]] for i in local])
+            out[torch.tensor(local, device=out.device)] = picks
+        return out
 
 
 def sample(logits: Tensor, params: SamplingParams,

@@ -11,7 +11,7 @@ from torch import Tensor
 from flexalisa.attention import SparsityMethod
 from flexalisa.attention.base import MethodState
 from flexalisa.engine import left_pad
-from flexalisa.sampling import SamplingParams, row_generators, sample
+from flexalisa.sampling import RowSampler, SamplingParams
 from flexalisa.stops import StopWhen
 
 
@@ -27,7 +27,7 @@ class BatchState:
     positions: Tensor  # (B,) long next positions
     limits: list[int]  # tokens each row may generate (0 for filler rows)
     method_state: MethodState  # the sparsity method's per-layer scores for these rows
-    generators: list[torch.Generator] | None  # per-row samplers (None = greedy)
+    sampler: RowSampler  # per-row sampling params and generators
     tokens: list[list[int]] = field(default_factory=list)  # generated ids per row
     reasons: list[str] = field(default_factory=list)  # finish reason per row
     finished: list[bool] = field(default_factory=list)  # row done (EOS or limit)
@@ -44,9 +44,10 @@ class BatchState:
 
 def make_batch(prompts: list[list[int]], rows: list[int | None], limits: list[int],
                num_steps: int, pad_id: int, method: SparsityMethod, num_layers: int,
-               num_kv_heads: int, sampling: SamplingParams, keys: list[str],
+               num_kv_heads: int, sampling: list[SamplingParams], keys: list[str],
                device: torch.device, prompt_len: int) -> BatchState:
-    """A GPU batch left-padded to ``prompt_len`` (the block's longest prompt)."""
+    """A GPU batch left-padded to ``prompt_len`` (the block's longest prompt); ``sampling``
+    and ``keys``: each row's."""
     ids, valid = left_pad(prompts, pad_id)
     extra = prompt_len - ids.shape[1]  # pad further so every GPU batch shares slot indices
     ids = torch.cat([torch.full((len(prompts), extra), pad_id, dtype=torch.long), ids], 1)
@@ -58,17 +59,17 @@ def make_batch(prompts: list[list[int]], rows: list[int | None], limits: list[in
         rows=rows, prompt_ids=ids.to(device), valid=full_valid.to(device),
         pad=(length - valid.sum(1)).to(device), ids=ids[:, -1].to(device),
         positions=valid.sum(1).to(device), limits=limits, method_state=state,
-        generators=row_generators(sampling, keys), tokens=[[] for _ in rows],
+        sampler=RowSampler(sampling, keys), tokens=[[] for _ in rows],
         reasons=["length"] * len(rows), finished=[limit == 0 for limit in limits])
 
 
-def take_tokens(batch: BatchState, step_idx: int, logits: Tensor, sampling: SamplingParams,
-                eos_ids: Tensor, ignore_eos: bool, max_position: int,
+def take_tokens(batch: BatchState, step_idx: int, logits: Tensor, eos_ids: Tensor,
+                ignore_eos: bool, max_position: int,
                 stop_when: StopWhen | None = None) -> int:
     """Sample step ``step_idx``'s token of every row; record it for live rows; return how many
     were recorded. The sampled ids become the next step's input. A row ends at EOS (unless
     ``ignore_eos``), when ``stop_when(prompt index, tokens)`` says so, or at its limit."""
-    next_ids = sample(logits, sampling, batch.generators)
+    next_ids = batch.sampler.sample(logits)
     is_eos = torch.isin(next_ids, eos_ids).tolist()
     produced = 0
     for r, token in enumerate(next_ids.tolist()):

@@ -51,7 +51,7 @@ LogitsHook = Callable[[int, list[int | None], Tensor], None]  # (step_idx, rows,
 class Sampler:
     """How the last layer's logits become tokens."""
 
-    params: SamplingParams  # greedy or sampled
+    params: list[SamplingParams]  # each prompt's (greedy or sampled), by prompt index
     eos_ids: Tensor  # ids that end a row (on the device)
     ignore_eos: bool  # generate to the limit regardless of EOS
     on_tokens: Callable[[int], None] | None  # progress: tokens just produced
@@ -230,7 +230,7 @@ class BlockLoop:
             logits = self.ctx.fam.logits(spec, self.weights.globals, out[:, -1:])[:, -1]
         if s.on_logits is not None:
             s.on_logits(step_idx, batch.rows, logits)
-        produced = take_tokens(batch, step_idx, logits, s.params, s.eos_ids, s.ignore_eos,
+        produced = take_tokens(batch, step_idx, logits, s.eos_ids, s.ignore_eos,
                                spec.max_seq_len - 1, s.stop_when)
         if s.on_tokens is not None and produced:
             s.on_tokens(produced)

@@ -44,7 +44,7 @@ from flexalisa.runtime.extras import RunTotals
 from flexalisa.runtime.loop import BlockLoop, LogitsHook, Sampler
 from flexalisa.runtime.timing import OpTimes
 from flexalisa.runtime.weights import WeightLayout, WeightStore
-from flexalisa.sampling import SamplingParams
+from flexalisa.sampling import GREEDY, Sampling, per_row
 from flexalisa.schedule import BlockOp, BlockShape, block_schedule
 from flexalisa.stops import StopWhen
 from policy.policy import Policy
@@ -146,7 +146,7 @@ class OffloadRunner:
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int],
-                 sampling: SamplingParams | None = None, ignore_eos: bool = False,
+                 sampling: Sampling | None = None, ignore_eos: bool = False,
                  row_keys: list[str] | None = None,
                  on_tokens: Callable[[int], None] | None = None,
                  on_logits: LogitsHook | None = None,
@@ -156,7 +156,7 @@ class OffloadRunner:
         limits = row_limits(max_new_tokens, prompts, self.spec.max_seq_len)
         eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device.torch_device)
         request = Request(prompts, limits, row_keys or [str(i) for i in range(len(prompts))],
-                          Sampler(sampling or SamplingParams(), eos, ignore_eos, on_tokens,
+                          Sampler(per_row(sampling, len(prompts)), eos, ignore_eos, on_tokens,
                                   on_logits, stop_when))
         blocks = self.plan(prompts, limits)  # refuses a misfit before anything runs
         totals = RunTotals(self.policy)
@@ -225,7 +225,8 @@ class OffloadRunner:
             out.append(make_batch(
                 texts, part, [request.limits[r] if r is not None else 0 for r in part],
                 num_steps, self.spec.pad_token_id or 0, self.method, self.spec.num_layers,
-                self.spec.num_kv_heads, request.sampler.params,
+                self.spec.num_kv_heads,
+                [request.sampler.params[r] if r is not None else GREEDY for r in part],
                 [request.keys[r] if r is not None else f"__filler{i}"
                  for i, r in enumerate(part)],
                 self.device.torch_device, prompt_len=width))

@@ -59,6 +59,18 @@ def test_sampling_is_seeded(llm):
     assert sample(1) != sample(2)
 
 
+def test_sampling_per_prompt(llm):
+    """One SamplingParams per prompt, as vLLM takes them: each row samples as it would with
+    its params given to every row, and a greedy row is the greedy completion."""
+    hot, cold = SamplingParams(1.0, 0.9, 5), SamplingParams()
+    mixed = llm.generate(PROMPTS, 8, [hot, cold, hot], ignore_eos=True)
+    assert mixed[1] == llm.generate(PROMPTS, 8, ignore_eos=True)[1]
+    every = llm.generate(PROMPTS, 8, hot, ignore_eos=True)
+    assert [mixed[0], mixed[2]] == [every[0], every[2]]
+    with pytest.raises(FlexalisaError, match=r"one per prompt \(3\), got 2 items"):
+        llm.generate(PROMPTS, 8, [hot, cold])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda llm: llm.generate(["x " * 200]), "prompt 0 has"),
     (lambda llm: llm.generate(["", "a"]), "prompt 0 is empty"),

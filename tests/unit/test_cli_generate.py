@@ -66,6 +66,20 @@ def test_sampling_is_seeded_per_row(tiny_chat_model, tmp_path):
     assert all(a[k] == b[k] for k in b)  # same seed + id -> same sample, whatever the batch
 
 
+def test_a_line_may_set_its_own_sampling(tiny_chat_model, tmp_path):
+    """A line's "temperature", "top_p" and "seed" replace the job's for that line only."""
+    for name in ("greedy", "hot", "mixed"):
+        (tmp_path / name).mkdir()
+    _, greedy = run(tiny_chat_model, tmp_path / "greedy", PROMPTS, "--ignore-eos")
+    _, hot = run(tiny_chat_model, tmp_path / "hot", PROMPTS, "--ignore-eos", "--temperature",
+                 "1.0", "--top-p", "0.9", "--seed", "7")
+    rows = [dict(r, temperature=1.0, seed=7) if r["id"] % 2 else r for r in PROMPTS]
+    _, mixed = run(tiny_chat_model, tmp_path / "mixed", rows, "--ignore-eos", "--top-p", "0.9")
+    greedy, hot, mixed = ({r["id"]: r["text"] for r in read(out)} for out in (greedy, hot, mixed))
+    assert all(mixed[i] == (hot[i] if i % 2 else greedy[i]) for i in greedy)
+    assert any(hot[i] != greedy[i] for i in greedy)  # the sampled lines did sample
+
+
 BAD_INPUTS = [
     (["{\"id\": 1, \"prompt\": \"ok\"}", "{not json"], "in.jsonl:2: malformed JSON"),
     ([{"prompt": "no id"}], "in.jsonl:1: missing \"id\""),
@@ -73,6 +87,9 @@ BAD_INPUTS = [
     ([{"id": 1, "prompt": "x " * 200}], "the model's context is 96"),
     ([{"id": 1, "prompt": 5}], "non-string \"prompt\""),
     ([{"id": 1, "prompt": "a", "max_new_tokens": 0}], "\"max_new_tokens\" must be an integer"),
+    ([{"id": 1, "prompt": "a", "temperature": -0.5}], "in.jsonl:1: temperature must be >= 0"),
+    ([{"id": 1, "prompt": "a", "top_p": 1.5}], "in.jsonl:1: top_p must be in (0, 1]"),
+    ([{"id": 1, "prompt": "a", "seed": "7"}], "in.jsonl:1: \"seed\" must be an integer"),
     (["[1, 2]"], "expected a JSON object"),
     ([{"id": 1, "prompt": "a", "stop": ["x", ""]}], "in.jsonl:1: \"stop\" must be a non-empty"),
     ([{"id": 1, "prompt": "a", "stop": 3}], "in.jsonl:1: \"stop\" must be a non-empty"),

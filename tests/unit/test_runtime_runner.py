@@ -27,7 +27,9 @@ def test_many_blocks_eos_limits_and_sampling_match_the_engine(llama):
     limits = [5, 30, 17, 30, 1, 30, 30, 9, 30, 30, 22]
     policy = make_policy("kv_30_50_20", 2, True, False, gpu_batch_size=2)
     runner = OffloadRunner(llama, policy)
-    for sampling in (SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9, seed=3)):
+    hot = SamplingParams(temperature=0.9, top_p=0.9, seed=3)
+    mixed = [hot if i % 3 else SamplingParams(seed=i) for i in range(len(prompts))]  # per row
+    for sampling in (SamplingParams(), hot, mixed):
         keys = [f"id{i}" for i in range(len(prompts))]
         want = Engine(llama).generate(prompts, limits, sampling=sampling, row_keys=keys)
         counted: list[int] = []
