@@ -31,6 +31,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens; 0 = off (default: 0)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed; each row's sample depends on (seed, id) (default: 0)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --gen-len tokens")
@@ -51,7 +53,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model=args.model, input=args.input, output=args.output, gen_len=args.gen_len,
         batch_size=args.batch_size, device=args.device, ignore_eos=args.ignore_eos,
         stop=tuple(args.stop),
-        sampling=SamplingParams(args.temperature, args.top_p, args.seed),
+        sampling=SamplingParams(args.temperature, args.top_p, args.seed, args.top_k),
         method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args))
     run_generate(cfg, command=args.command_line)
     return 0

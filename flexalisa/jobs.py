@@ -2,7 +2,7 @@
 
 Input lines:  {"id": <str|int>, "prompt": <str>, "max_new_tokens": <int, optional>,
                "stop": <str or list of str, optional>, "temperature": <number, optional>,
-               "top_p": <number, optional>, "seed": <int, optional>}
+               "top_p": <number, optional>, "top_k": <int, optional>, "seed": <int, optional>}
               or "messages": [{"role": <str>, "content": <str>}, ...] instead of "prompt": a
               conversation, put through the model's chat template
 Output lines: {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"}
@@ -28,7 +28,7 @@ from flexalisa.errors import JobInputError
 from flexalisa.sampling import SamplingParams
 
 OUTPUT_KEYS = ("id", "text", "prompt_tokens", "completion_tokens", "finish_reason")
-SAMPLING_KEYS = ("temperature", "top_p", "seed")  # a line's own sampling, over the job's
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed")  # a line's own, over the job's
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,16 @@ def _parse_line(text: str, line_no: int, path: Path) -> PromptRecord:
 
 
 def _line_sampling(obj: dict, where: str) -> tuple[tuple[str, float], ...]:
-    """A line's "temperature", "top_p" and "seed", checked as SamplingParams checks them."""
+    """A line's "temperature", "top_p", "top_k" and "seed", checked as SamplingParams checks
+    them."""
     own = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
     for key, value in own.items():
-        seed = key == "seed"
-        if (not isinstance(value, int if seed else (int, float)) or isinstance(value, bool)
+        integer = key in ("seed", "top_k")
+        if (not isinstance(value, int if integer else (int, float)) or isinstance(value, bool)
                 or not math.isfinite(value)):
             raise JobInputError(f"{where}: \"{key}\" must be "
-                                f"{'an integer' if seed else 'a finite number'}, got {value!r}")
+                                f"{'an integer' if integer else 'a finite number'}, "
+                                f"got {value!r}")
     try:
         SamplingParams(**own)
     except ValueError as exc:

@@ -21,12 +21,15 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy (argmax); > 0 scales logits before sampling
     top_p: float = 1.0  # nucleus: sample among the smallest set of tokens with this much mass
     seed: int = 0  # combined with each row's key into that row's generator seed
+    top_k: int = 0  # sample among the k most likely tokens (ties at the k-th kept); 0 = off
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -96,7 +99,11 @@ def sample(logits: Tensor, params: SamplingParams,
     """logits (B, V) float32 -> next token ids (B,) on logits' device."""
     if params.greedy:  # max(dim)'s indices: argmax's (first maximum on ties), ~2x faster on CPU
         return logits.max(dim=-1).indices
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1).cpu()
+    scaled = logits.float() / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:  # as HF's top-k warper: below the k-th value goes
+        kth = scaled.topk(params.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1).cpu()
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         cumulative = sorted_probs.cumsum(dim=-1)

@@ -90,6 +90,8 @@ BAD_INPUTS = [
     ([{"id": 1, "prompt": "a", "temperature": -0.5}], "in.jsonl:1: temperature must be >= 0"),
     ([{"id": 1, "prompt": "a", "top_p": 1.5}], "in.jsonl:1: top_p must be in (0, 1]"),
     ([{"id": 1, "prompt": "a", "seed": "7"}], "in.jsonl:1: \"seed\" must be an integer"),
+    ([{"id": 1, "prompt": "a", "top_k": 1.5}], "in.jsonl:1: \"top_k\" must be an integer"),
+    ([{"id": 1, "prompt": "a", "top_k": -1}], "in.jsonl:1: top_k must be an integer >= 0"),
     (["[1, 2]"], "expected a JSON object"),
     ([{"id": 1, "prompt": "a", "stop": ["x", ""]}], "in.jsonl:1: \"stop\" must be a non-empty"),
     ([{"id": 1, "prompt": "a", "stop": 3}], "in.jsonl:1: \"stop\" must be a non-empty"),
