@@ -285,9 +285,9 @@ def _linear_rate(timer: _Timer, x: Any, weights: list[Any],
 def _runtime_linear(torch: Any, device: str, dtype: Any
                     ) -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None:
     """(pack, multiply) as flexalisa's engine and runtime multiply weights on this device
-    (``flexalisa.models.linear``: oneDNN-packed fp32 weights on a CPU, which run 2-2.5x the
-    rate of plain GEMMs at 4-16 rows on some CPUs); None where they multiply plain tensors or
-    flexalisa is not installed beside the cost model."""
+    (``flexalisa.models.linear``: oneDNN-packed fp32 weights on a CPU, which ran at about
+    twice the rate of plain GEMMs at 4-16 rows on an AMD EPYC); None where they multiply plain
+    tensors or flexalisa is not installed beside the cost model."""
     try:
         from flexalisa.models.linear import can_pack, linear, pack
     except ImportError:

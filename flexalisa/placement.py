@@ -115,7 +115,7 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
             f"runtime's own plan fits)" if gpu is not None and searched_bytes < gpu else "")
     print(f"auto-policy: {result.policy.describe()}{note}", file=sys.stderr)
     # Nothing to offload: the engine does the runner's work without its bookkeeping (the runner
-    # was 21% slower at SmolLM2 batch 32 on this project's CPU box). The memory plan has been
+    # was 21% slower at SmolLM2 batch 32 on the project's Intel CPU box). The memory plan has been
     # checked; the Engine prefills in chunks of the runtime's ~1024 tokens, so its prefill
     # scratch is about the planned one (its chunks may span GPU batches).
     if result.policy.all_on_device:

@@ -2,8 +2,8 @@
 
 Each row draws from its own `torch.Generator` seeded from (seed, row key), so a row's sample does
 not depend on which other rows share its batch: a resumed job reproduces an uninterrupted one.
-Rows may have their own `SamplingParams` (a JSONL line's "temperature", "top_p", "seed"; a list
-given to `LLM.generate`); `RowSampler` applies each row's.
+Rows may have their own `SamplingParams` (a JSONL line's "temperature", "top_p", "top_k",
+"seed"; a list given to `LLM.generate`); `RowSampler` applies each row's.
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ def per_row(sampling: Sampling | None, num_rows: int) -> list[SamplingParams]:
     if sampling is None or isinstance(sampling, SamplingParams):
         return [sampling or GREEDY] * num_rows
     params = list(sampling)
-    if len(params) != num_rows or not all(isinstance(p, SamplingParams) for p in params):
+    if len(params) != num_rows:
         raise ValueError(f"sampling must be one SamplingParams or a list of one per prompt "
                          f"({num_rows}), got {len(params)} items")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling list items must be SamplingParams, got {p!r}")
     return params
 
 

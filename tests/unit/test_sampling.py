@@ -64,5 +64,7 @@ def test_params_are_checked():
         SamplingParams(top_k=2.5)
     with pytest.raises(ValueError, match=r"one per prompt \(3\), got 2"):
         per_row([GREEDY, GREEDY], 3)
+    with pytest.raises(ValueError, match="items must be SamplingParams"):
+        per_row([GREEDY, {"temperature": 1.0}], 2)
     assert per_row(None, 2) == [GREEDY, GREEDY]
     assert torch.equal(sample(torch.tensor([[0.0, 2.0, 1.0]]), GREEDY, None), torch.tensor([1]))
