@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -13,6 +15,17 @@ from cost_model.spec import ModelSpec
 # Tests use tiny shapes, where a second OpenMP thread only adds spin-wait time, and on a busy
 # 2-core machine oversubscription makes every op ~20x slower. Benchmarks use all cores.
 torch.set_num_threads(1)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_CONFIGS = {
     # OPT with pre-LN (OPT-125m..66b style)

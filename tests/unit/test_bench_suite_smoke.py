@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.slow
 
 
-def load_suite():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_suite.py"
-    spec = importlib.util.spec_from_file_location("bench_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
-    suite = load_suite()
+    suite = load_script("bench_suite")
     assert suite.main(["--smoke", "--model", str(tiny_chat_model), "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "bench_suite.json").read_text())
     hf_rows = results["dense_vs_hf"]
@@ -48,7 +40,7 @@ def test_smoke_suite_writes_results(tiny_chat_model, tmp_path):
 
 
 def test_bad_arguments_fail_in_one_line_before_writing(tiny_chat_model, tmp_path, capsys):
-    suite = load_suite()
+    suite = load_script("bench_suite")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     out = tmp_path / "out"

@@ -1,23 +1,16 @@
 """scripts/decode_gemms.py: times a decode step's weight GEMMs with each layer's own weights and
-with one cache-resident layer's, on the model's real matrix shapes."""
+with one cache-resident layer's, on the model's real matrix shapes, then its lm_head and its
+attention."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-
-def load_script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "decode_gemms.py"
-    spec = importlib.util.spec_from_file_location("decode_gemms", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def test_reports_both_timings_for_the_models_matrices(tiny_chat_model, capsys):
-    script = load_script()
+    script = load_script("decode_gemms")
     assert script.main(["--model", str(tiny_chat_model), "--rows", "4", "--context", "8",
                         "--repeat", "3"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
