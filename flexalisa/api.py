@@ -25,6 +25,12 @@ from pathlib import Path
 import torch
 
 from flexalisa.attention import SparsityMethod, make_method
+from flexalisa.batch_size import (
+    BatchChoice,
+    engine_batch_size,
+    engine_weight_bytes,
+    offload_batch_limit,
+)
 from flexalisa.engine import default_dtype, resolve_device
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import check_messages, plan_batches
@@ -71,14 +77,17 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu",
                  sparsity_method: str = "dense", sparsity: float = 0.0,
-                 per_kv_head: bool = False, query_channels: int = 0, batch_size: int = 16,
+                 per_kv_head: bool = False, query_channels: int = 0,
+                 batch_size: int | None = None,
                  gpu_mem: str | None = None, cpu_mem: str | None = None,
                  policy: str | Path | None = None, auto_policy: bool = False,
                  hardware: str = "local") -> None:
         """``model``: HF checkpoint dir or .gguf (None = the embedded SmolLM2-135M);
         ``sparsity_method`` ("dense", "swa", "h2o", "local", "strided", "sinks"), ``sparsity``,
         ``per_kv_head``, ``query_channels``: as the CLI's flags (flexalisa.attention);
-        ``batch_size``: prompts per batch (a policy's own batch wins); ``gpu_mem``/``cpu_mem``:
+        ``batch_size``: prompts per batch (a policy's own batch wins; None: as many as memory
+        holds up to a cap per device, or the cost model's choice when it places the model, see
+        ``flexalisa.batch_size``); ``gpu_mem``/``cpu_mem``:
         budgets with units ("512MiB"), enforced on a CPU-only machine too; ``policy``: a
         policy.json; ``auto_policy``: search one with the cost model on ``hardware`` (a preset,
         a hw.json, or "local": measure this machine once, ~15 s)."""
@@ -90,15 +99,15 @@ class LLM:
 
     @classmethod
     def from_parts(cls, model: str | Path | None, device: str, method: SparsityMethod | None,
-                   placement: PlacementRequest, batch_size: int) -> LLM:
+                   placement: PlacementRequest, batch_size: int | None) -> LLM:
         """As the constructor, for callers that already built the method and placement."""
         llm = cls.__new__(cls)
         llm._setup(model, device, method, placement, batch_size)
         return llm
 
     def _setup(self, model, device: str, method: SparsityMethod | None,
-               placement: PlacementRequest, batch_size: int) -> None:
-        if batch_size < 1:
+               placement: PlacementRequest, batch_size: int | None) -> None:
+        if batch_size is not None and batch_size < 1:
             raise FlexalisaError(f"batch_size must be >= 1, got {batch_size}")
         self.device, self.method, self.placement = device, method, placement
         self.batch_size = batch_size
@@ -113,6 +122,7 @@ class LLM:
         self._made_for: Workload | None = None  # the workload it was searched or planned for
         self._policy = self._prediction = None
         self._hardware = None  # the measured or loaded profile, reused by later searches
+        self._choice: BatchChoice | None = None  # the last workload's batch, without a policy
 
     # ---- preparing a workload -------------------------------------------------------------
     def encode(self, prompts: list[str | list[dict]], chat: bool = False,
@@ -157,20 +167,47 @@ class LLM:
     def _fits(self, work: Workload) -> bool:
         if self._generator is None:
             return False
-        made = self._made_for  # batch and method are the LLM's own, so equal
+        made = self._made_for  # the method is the LLM's own; a placed model keeps its batch
         return not self.placement.offload or (work.prompt_len <= made.prompt_len
                                               and work.gen_len <= made.gen_len)
 
     @property
     def effective_batch_size(self) -> int:
-        """Prompts per batch: the policy's own batch once one was chosen, else ``batch_size``."""
-        return self._policy.batch_size if self._policy is not None else self.batch_size
+        """Prompts per batch of the last ``prepare``d workload (see ``batch_choice``)."""
+        return self.batch_choice().size
+
+    def batch_choice(self) -> BatchChoice:
+        """Prompts per batch, and why: the policy's own batch once one was chosen or searched,
+        else ``batch_size``, else (None) the ``auto`` size of the last ``workload``."""
+        if self._policy is not None:
+            if self.placement.policy_path is not None:
+                return BatchChoice(self._policy.batch_size, "the policy's")
+            return BatchChoice(self._policy.batch_size, "batch_size" if self.batch_size
+                               else "auto: the cost model's choice")
+        if self._choice is None:
+            raise FlexalisaError("no workload yet: call workload() or generate() first")
+        return self._choice
 
     def workload(self, token_lists: list[list[int]], limits: list[int]) -> Workload:
+        """The workload ``prepare`` plans for: the batch (``batch_choice``), the longest prompt
+        and generation, the sparsity method."""
         method = self.method
-        return Workload(batch=self.batch_size, prompt_len=max(map(len, token_lists)),
-                        gen_len=max(limits), sparsity_method=method.name if method else "dense",
-                        sparsity=method.sparsity if method else 0.0)
+        name, sparsity = (method.name, method.sparsity) if method else ("dense", 0.0)
+        prompt_len, gen_len = max(map(len, token_lists)), max(limits)
+        device = resolve_device(self.device)
+        if self.batch_size is not None:
+            self._choice = BatchChoice(self.batch_size, "batch_size")
+        elif self.placement.offload:  # the cost model's search picks it, up to this
+            limit = offload_batch_limit(device, len(token_lists))
+            self._choice = BatchChoice(limit, "auto: the most the cost model's search may use")
+        else:
+            dtype = default_dtype(device)
+            self._choice = engine_batch_size(
+                self.weights.spec, device, dtype, engine_weight_bytes(self.weights, device, dtype),
+                len(token_lists), prompt_len, gen_len, name, sparsity)
+        return Workload(batch=self._choice.size, prompt_len=prompt_len, gen_len=gen_len,
+                        sparsity_method=name, sparsity=sparsity,
+                        auto_batch=self.batch_size is None)
 
     # ---- generating -----------------------------------------------------------------------
     def chat(self, conversations: list[dict] | list[list[dict]],

@@ -38,9 +38,12 @@ class KVCache:
         return self.keys[layer_idx][:, :, :length], self.values[layer_idx][:, :, :length]
 
     def keep_rows(self, rows: Tensor) -> None:
-        """Drop every row not listed in `rows` (a 1-D index tensor)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+        """Drop every row not listed in `rows` (a 1-D index tensor). Layer by layer, so that
+        the old buffers are freed as the new ones are made: at most one layer's K or V exists
+        twice, not the whole cache."""
+        for buffers in (self.keys, self.values):
+            for layer_idx, t in enumerate(buffers):
+                buffers[layer_idx] = t.index_select(0, rows)
         self.valid = self.valid.index_select(0, rows)
 
     @property

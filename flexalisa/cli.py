@@ -25,8 +25,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=int, default=64,
                    help="max new tokens per prompt, unless a line sets max_new_tokens "
                         "(default: 64)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="prompts per batch (default: 16; a policy's own batch wins)")
+    p.add_argument("--batch-size", default="auto", metavar="N|auto",
+                   help="prompts per batch (default: auto, as many as memory holds up to 64 "
+                        "on a CPU and 256 on a GPU, or the cost model's choice when it places "
+                        "the model; a policy's own batch wins)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
@@ -46,12 +48,26 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def batch_size_arg(text: str) -> int | None:
+    """``--batch-size``: a positive integer, or ``auto`` (None). Checked here rather than as
+    an argparse type, so that a bad value is the one-line error every bad input gets."""
+    if text == "auto":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise FlexalisaError(f"--batch-size must be a positive integer or auto, got {text!r}")
+    return size
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from flexalisa.generate_job import GenerateConfig, run_generate
 
     cfg = GenerateConfig(
         model=args.model, input=args.input, output=args.output, gen_len=args.gen_len,
-        batch_size=args.batch_size, device=args.device, ignore_eos=args.ignore_eos,
+        batch_size=batch_size_arg(args.batch_size), device=args.device, ignore_eos=args.ignore_eos,
         stop=tuple(args.stop),
         sampling=SamplingParams(args.temperature, args.top_p, args.seed, args.top_k),
         method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args))

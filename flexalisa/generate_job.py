@@ -25,7 +25,7 @@ class GenerateConfig:
     input: Path  # prompts JSONL
     output: Path  # results JSONL (appended)
     gen_len: int = 64  # default max_new_tokens per prompt
-    batch_size: int = 16  # prompts per engine batch
+    batch_size: int | None = None  # prompts per batch; None: auto (flexalisa/batch_size.py)
     device: str = "cpu"  # "cpu" or "cuda"
     sampling: SamplingParams = SamplingParams()  # greedy unless temperature > 0
     ignore_eos: bool = False  # always generate the full length (benchmarks)
@@ -37,7 +37,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.gen_len < 1:
             raise ValueError(f"--gen-len must be >= 1, got {self.gen_len}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         check_stops(self.stop)
 
@@ -56,8 +56,10 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
                              [f"line {r.line_no}: prompt of id {r.id!r}" for r in records])
     limits = [r.max_new_tokens or cfg.gen_len for r in records]
     engine, policy, prediction = llm.prepare(llm.workload(token_lists, limits))
-    batches = list(plan_batches(records, [len(t) for t in token_lists],
-                                llm.effective_batch_size))
+    choice = llm.batch_choice()
+    if choice.reason != "batch_size":
+        print(choice.describe(), file=sys.stderr)
+    batches = list(plan_batches(records, [len(t) for t in token_lists], choice.size))
     pending = [b for b in batches if any(records[i].key not in done for i in b)]
     budget = sum(limits[i] for b in pending for i in b)
     skipped = sum(1 for r in records if r.key in done)
@@ -88,7 +90,8 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     stats.extras["wall_s"] = time.perf_counter() - started
     print(stats.summary_line(), file=sys.stderr)
     report = {"command": command, "model": llm.weights.spec.name, "device": cfg.device,
-              "ids_already_done": skipped, "stats": stats.to_dict(),
+              "ids_already_done": skipped, "batch_size": choice.size,
+              "batch_size_source": choice.reason, "stats": stats.to_dict(),
               **runtime_sections(stats.extras.get("runtime"), policy, prediction,
                                  stats.total_tok_s)}
     write_report(cfg.output.resolve().parent, report)

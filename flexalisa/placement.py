@@ -13,6 +13,7 @@ from pathlib import Path
 from cost_model import HardwareProfile, format_bytes, parse_bytes
 from cost_model.costs import layer_weight_bytes
 from cost_model.spec import ModelSpec
+from flexalisa.batch_size import batch_candidates
 from flexalisa.errors import BudgetError, FlexalisaError
 from policy import Policy, Prediction, predict
 
@@ -44,11 +45,12 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class Workload:
-    batch: int  # prompts per block the search may use
+    batch: int  # prompts per block; with auto_batch, the most the search may choose
     prompt_len: int  # longest prompt (tokens)
     gen_len: int  # tokens generated per prompt
     sparsity_method: str = "dense"  # attention method to plan for
     sparsity: float = 0.0  # its KV sparsity
+    auto_batch: bool = False  # the search picks the batch (``batch_candidates(batch)``)
 
 
 def hardware_profile(req: PlacementRequest) -> HardwareProfile:
@@ -107,7 +109,8 @@ def make_generator(req: PlacementRequest, weights, device: str, method, work: Wo
     # --auto-policy, or budgets alone: the cost model places weights, KV and activations to fit
     from policy import SearchSpace
 
-    space = SearchSpace(batch_sizes=(work.batch,), sparsity_methods=(work.sparsity_method,),
+    sizes = batch_candidates(work.batch) if work.auto_batch else (work.batch,)
+    space = SearchSpace(batch_sizes=sizes, sparsity_methods=(work.sparsity_method,),
                         sparsities=(work.sparsity,) if work.sparsity else (0.0,))
     result, runner, searched_bytes = fitting_search(weights, hw or hardware_profile(req), prompts,
                                                     limits, space, device, gpu, cpu)

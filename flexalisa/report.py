@@ -89,7 +89,8 @@ def write_report(out_dir: Path, report: dict) -> tuple[Path, Path]:
 def render_markdown(report: dict) -> str:
     stats = report.get("stats", {})
     lines = ["# flexalisa run report", ""]
-    for key in ("model", "device", "command", "ids_already_done"):
+    for key in ("model", "device", "command", "ids_already_done", "batch_size",
+                "batch_size_source"):
         if key in report:
             lines.append(f"- **{key}**: `{report[key]}`")
     lines += ["", "| metric | value |", "|---|---|"]
