@@ -12,8 +12,14 @@ from tqdm import tqdm
 
 from flexalisa.api import LLM, check_stops
 from flexalisa.attention import SparsityMethod
-from flexalisa.errors import JobInputError
-from flexalisa.jobs import append_results, plan_batches, read_prompts, repair_and_read_done
+from flexalisa.errors import FlexalisaError, JobInputError
+from flexalisa.jobs import (
+    append_results,
+    check_writable,
+    plan_batches,
+    read_prompts,
+    repair_and_read_done,
+)
 from flexalisa.placement import PlacementRequest
 from flexalisa.report import RunStats, runtime_sections, write_report
 from flexalisa.sampling import SamplingParams
@@ -46,6 +52,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     records = read_prompts(cfg.input)  # validate input before the slow model load
     if cfg.output.resolve() == cfg.input.resolve():
         raise JobInputError("--output must differ from --input")
+    check_writable(cfg.output)
     done = repair_and_read_done(cfg.output)
     if all(r.key in done for r in records):  # before the model load, the search, the report
         print(f"nothing to do: all {len(records)} ids are already in {cfg.output} "
@@ -66,7 +73,10 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     if skipped:
         print(f"resuming: {skipped} of {len(records)} ids already in {cfg.output}",
               file=sys.stderr)
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlexalisaError(f"--output {str(cfg.output)!r}: {exc.strerror}") from None
     started = time.perf_counter()
     try:
         with tqdm(total=budget, unit="tok", desc="generate", file=sys.stderr,

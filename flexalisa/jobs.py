@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flexalisa.errors import JobInputError
+from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.sampling import SamplingParams
 
 OUTPUT_KEYS = ("id", "text", "prompt_tokens", "completion_tokens", "finish_reason")
@@ -118,7 +118,8 @@ def read_prompts(path: Path) -> list[PromptRecord]:
         raise JobInputError(f"input file {str(path)!r} does not exist")
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8", errors="strict") as fh:
+    # utf-8-sig: a byte-order mark that Windows tools put first is read as none
+    with path.open(encoding="utf-8-sig", errors="strict") as fh:
         try:
             for line_no, text in enumerate(fh, start=1):
                 if not text.strip():
@@ -134,6 +135,22 @@ def read_prompts(path: Path) -> list[PromptRecord]:
     if not records:
         raise JobInputError(f"{path}: no prompts")
     return records
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output path that could not be written, before the job loads anything; creates
+    nothing (its folders are made when the first batch is written)."""
+    if path.is_dir():
+        raise FlexalisaError(f"--output {str(path)!r} is a directory")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise FlexalisaError(f"--output {str(path)!r} is not writable")
+        return
+    parent = path.parent.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FlexalisaError(f"--output {str(path)!r}: cannot create it under {str(parent)!r}")
 
 
 def repair_and_read_done(path: Path) -> set[str]:
@@ -171,7 +188,12 @@ def append_results(path: Path, rows: list[dict]) -> None:
     """Append result lines with one write, then flush and fsync."""
     blob = "".join(json.dumps({k: row[k] for k in OUTPUT_KEYS}, ensure_ascii=False) + "\n"
                    for row in rows)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(blob)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:  # e.g. a full disk: what was written before stays; a torn last
+        # line is cut off when the job is rerun (repair_and_read_done)
+        raise FlexalisaError(f"writing {str(path)!r}: {exc.strerror}; the batches before this "
+                            "one are saved, rerun the command to resume") from None

@@ -144,3 +144,49 @@ def test_empty_stop_flag_is_an_error(tiny_chat_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and "stop strings must be non-empty" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_a_byte_order_mark_is_not_an_error(tiny_chat_model, tmp_path):
+    inp = tmp_path / "bom.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1, "prompt": "The module"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(tiny_chat_model), "--input", str(inp),
+                 "--output", str(out), "--gen-len", "2"]) == 0
+    assert [r["id"] for r in read(out)] == [1]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("under_a_file", "cannot create it under"),
+    ("a_directory", "is a directory"),
+])
+def test_an_unwritable_output_is_refused_before_the_model_loads(
+        tiny_chat_model, tmp_path, capsys, monkeypatch, where, message):
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPTS[:1])
+    out = inp / "out.jsonl" if where == "under_a_file" else tmp_path
+    monkeypatch.setattr("flexalisa.api.load_model", lambda *a: pytest.fail("loaded"))
+    code = main(["generate", "--model", str(tiny_chat_model), "--input", str(inp),
+                 "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("flexalisa: error: --output") and message in err
+    assert "\n" not in err
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_batches_before(tiny_chat_model, tmp_path,
+                                                                 capsys, monkeypatch):
+    import flexalisa.jobs
+
+    real_fsync, calls = flexalisa.jobs.os.fsync, []
+
+    def fsync_then_full(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(flexalisa.jobs.os, "fsync", fsync_then_full)
+    code, out = run(tiny_chat_model, tmp_path, PROMPTS)  # batches of 3: the second write fails
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "No space left on device; the batches before this one are saved" in err
+    monkeypatch.setattr(flexalisa.jobs.os, "fsync", real_fsync)
+    assert run(tiny_chat_model, tmp_path, PROMPTS)[0] == 0  # the rerun completes the job
+    assert sorted(r["id"] for r in read(out)) == list(range(len(PROMPTS)))
