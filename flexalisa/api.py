@@ -152,7 +152,8 @@ class LLM:
     def prepare(self, work: Workload):
         """(generator, policy, prediction) for ``work``: the Engine, or the OffloadRunner with
         the policy given or searched. A later workload with no longer prompts or generations
-        reuses them; a longer one is searched (or planned) again, on the same hardware
+        (and, under the auto batch size, no more prompts than the search could batch) reuses
+        them; a longer or larger one is searched (or planned) again, on the same hardware
         profile, which is measured or loaded once."""
         if not self._fits(work):
             self.close()
@@ -167,9 +168,11 @@ class LLM:
     def _fits(self, work: Workload) -> bool:
         if self._generator is None:
             return False
-        made = self._made_for  # the method is the LLM's own; a placed model keeps its batch
+        made = self._made_for  # the method is the LLM's own
+        # a placed model keeps its policy's batch, unless an auto batch may now be larger
         return not self.placement.offload or (work.prompt_len <= made.prompt_len
-                                              and work.gen_len <= made.gen_len)
+                                              and work.gen_len <= made.gen_len
+                                              and work.batch <= made.batch)
 
     @property
     def effective_batch_size(self) -> int:

@@ -120,7 +120,8 @@ def test_bad_batch_size_is_a_one_line_error(tiny_chat_model, tmp_path, capsys, v
 
 def test_auto_batch_under_a_budget_is_the_searchs(tiny_chat_model):
     """With a budget and no batch size the cost model chooses the batch among the candidates,
-    up to the prompt count; the completions equal the engine's."""
+    up to the prompt count; the completions equal the engine's. A later call with fewer
+    prompts reuses the placement; one with more prompts than it could batch searches again."""
     prompts = ["The module", "A longer prompt about the functions", "x = 1", "def f(x):",
                "import os", "class A:"]
     with LLM(tiny_chat_model, batch_size=6) as on_device:
@@ -128,5 +129,8 @@ def test_auto_batch_under_a_budget_is_the_searchs(tiny_chat_model):
     with LLM(tiny_chat_model, gpu_mem="64MiB", hardware="t4-16g") as off:
         got = [c.token_ids for c in off.generate(prompts, 6, ignore_eos=True)]
         choice = off.batch_choice()
+        runner = off.prepare(off.workload([[5] * 3] * 2, [4, 4]))[0]
+        assert off.prepare(off.workload([[5] * 3] * 6, [4] * 6))[0] is runner
+        assert off.prepare(off.workload([[5] * 3] * 12, [4] * 12))[0] is not runner
     assert got == want
     assert choice.size in batch_candidates(6) and choice.reason == "auto: the cost model's choice"
