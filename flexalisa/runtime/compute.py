@@ -21,6 +21,7 @@ the selection from the ring (``store.host_gather``).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -170,11 +171,11 @@ def _delegated_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new: Ten
         host_mask = (on_cpu & stored.to(host)) | (is_new & sel.mask).to(host)  # (B, Hkv, K)
         host_q = q.to(host, torch.float32)
         if not device_part:  # one partial: nothing to merge, no log-sum-exp needed
-            out, probs = attention_with_probs(host_q, k_host.float(), v_host.float(),
-                                              host_mask[:, :, None])
+            out, probs = host_attention(attention_with_probs, host_q, k_host, v_host,
+                                        host_mask[:, :, None])
             return out.to(q.device, q.dtype), probs.to(q.device)
-        out, lse, probs = partial_attention_probs(host_q, k_host.float(), v_host.float(),
-                                                  host_mask[:, :, None])
+        out, lse, probs = host_attention(partial_attention_probs, host_q, k_host, v_host,
+                                         host_mask[:, :, None])
         out, lse, probs = out.to(q.device, q.dtype), lse.to(q.device), probs.to(q.device)
         device_mask = stored & ~fetched.masks.cpu  # (B, Hkv, K)
         out_dev, lse_dev, p_dev = partial_attention_probs(q, k_dev, v_dev, device_mask[:, :, None])
@@ -202,13 +203,47 @@ def _host_in_place_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new:
         if kv is None:
             raise ValueError("the store's tiers changed since its host fetch")
     with ctx.times.section("attention"):
-        k_host, v_host = kv[0].float(), kv[1].float()  # (B, Hkv, K, D) each
         host_q = q.to(host, torch.float32)
         if sel.dense:
-            out = dense_attention(host_q, k_host, v_host, sel.mask.to(host))
+            out = host_attention(dense_attention, host_q, kv[0], kv[1], sel.mask.to(host))
             return out.to(q.device, q.dtype), None
-        out, probs = attention_with_probs(host_q, k_host, v_host, sel.attention_mask.to(host))
+        out, probs = host_attention(attention_with_probs, host_q, kv[0], kv[1],
+                                    sel.attention_mask.to(host))
     return out.to(q.device, q.dtype), probs.to(q.device)
+
+
+HOST_CHUNK_BYTES = 8 * 2**20  # float32 K plus V of one chunk of rows in ``host_attention``
+_host_scratch = threading.local()  # per thread: the float32 buffer chunks are upcast into
+
+
+def host_attention(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor):
+    """``fn(q, k, v, mask)`` on the host in float32, for k, v (B, Hkv, K, D) stored in any
+    dtype, and its results (tensors with the batch first) as if over the whole batch.
+
+    Half-precision K, V (a GPU run's CPU tier) are upcast a chunk of batch rows at a time into
+    one reused float32 buffer of a few MB (at least one row): a float32 copy of the whole tier,
+    allocated afresh each layer-step, spent most of its time in page faults, several times the
+    attention's own. Rows are independent, so chunking changes no result beyond the kernel's
+    summation order. Float32 K, V (the CPU device) are used as they are, in one call.
+    """
+    if k.dtype == torch.float32:
+        return fn(q, k, v, mask)
+    batch, row = k.shape[0], k[0].numel()
+    rows = min(batch, max(1, HOST_CHUNK_BYTES // (2 * row * 4)))
+    buf = getattr(_host_scratch, "buf", None)
+    if buf is None or buf.numel() < 2 * rows * row:
+        buf = _host_scratch.buf = torch.empty(2 * rows * row, dtype=torch.float32)
+    parts = []
+    for r in range(0, batch, rows):
+        n = min(rows, batch - r)
+        k32 = buf[:n * row].view(n, *k.shape[1:]).copy_(k[r:r + n])
+        v32 = buf[rows * row:(rows + n) * row].view(n, *v.shape[1:]).copy_(v[r:r + n])
+        parts.append(fn(q[r:r + n], k32, v32, mask if mask.shape[0] == 1 else mask[r:r + n]))
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return tuple(torch.cat(part) for part in zip(*parts))
 
 
 def select_next(ctx: LayerContext, state: MethodState, layer_idx: int,
