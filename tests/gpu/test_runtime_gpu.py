@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -39,7 +40,9 @@ OPT_SHAPES = {  # name: (hidden, layers, heads, ffn)
 BUDGET = "16GB"
 HOST_BUDGET = "100GB"  # the lent machine has 128 GiB
 HARDWARE = "h100-80g"  # the cost model's preset nearest the lent H200; the budget caps memory
-PROMPT_LEN, GEN_LEN, BATCH = 128, 512, 64
+# the workload; FLEXALISA_GPU_GEN_LEN shortens a first timing pass (the JSON says so)
+PROMPT_LEN, BATCH = 128, 64
+GEN_LEN = int(os.environ.get("FLEXALISA_GPU_GEN_LEN", "512"))
 
 
 @pytest.mark.parametrize("placement", ["kv_30_50_20", "weights_half_cpu", "kv_all_cpu"])
@@ -122,6 +125,8 @@ def test_alisa_vs_flexgen_on_opt_shapes(model):
         extras = result.extras
         total_s = result.prefill_s + result.decode_s
         rows[name] = {"model": model, "policy": name, "describe": policy.describe(),
+                      "batch": BATCH, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
+                      "gpu": torch.cuda.get_device_name(), "wall_s": total_s,
                       "prefill_tok_s": BATCH * PROMPT_LEN / result.prefill_s,
                       "decode_tok_s": BATCH * (GEN_LEN - 1) / result.decode_s,
                       "total_tok_s": BATCH * GEN_LEN / total_s,
