@@ -53,9 +53,13 @@ class Completion:
         return len(self.token_ids)
 
 
-def method_from_flags(name: str = "dense", sparsity: float = 0.0, per_kv_head: bool = False,
+def method_from_flags(name: str | None = None, sparsity: float = 0.0, per_kv_head: bool = False,
                       query_channels: int = 0) -> SparsityMethod | None:
-    """The attention method ``name`` at ``sparsity``; None for dense attention."""
+    """The attention method ``name`` at ``sparsity``; None for dense attention. No name:
+    ALISA's SWA when a sparsity is given (``--sparsity 0.8`` alone, as DESIGN.md writes the
+    job), else dense."""
+    if name is None:
+        name = "swa" if sparsity else "dense"
     if name == "dense":
         if sparsity or per_kv_head or query_channels:
             raise FlexalisaError("--sparsity needs a --sparsity-method other than dense (as do "
@@ -76,14 +80,15 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu",
-                 sparsity_method: str = "dense", sparsity: float = 0.0,
+                 sparsity_method: str | None = None, sparsity: float = 0.0,
                  per_kv_head: bool = False, query_channels: int = 0,
                  batch_size: int | None = None,
                  gpu_mem: str | None = None, cpu_mem: str | None = None,
                  policy: str | Path | None = None, auto_policy: bool = False,
                  hardware: str = "local") -> None:
         """``model``: HF checkpoint dir or .gguf (None = the embedded SmolLM2-135M);
-        ``sparsity_method`` ("dense", "swa", "h2o", "local", "strided", "sinks"), ``sparsity``,
+        ``sparsity_method`` ("dense", "swa", "h2o", "local", "strided", "sinks"; None: swa
+        when ``sparsity`` is given, else dense), ``sparsity``,
         ``per_kv_head``, ``query_channels``: as the CLI's flags (flexalisa.attention);
         ``batch_size``: prompts per batch (a policy's own batch wins; None: as many as memory
         holds up to a cap per device, or the cost model's choice when it places the model, see

@@ -130,11 +130,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from flexalisa.placement import Workload, make_generator
     from flexalisa.report import runtime_sections, write_report
 
+    method = make_sparsity_method(args)
     cfg = BenchConfig(model=args.model, prompt_len=args.prompt_len, gen_len=args.gen_len,
                       batch=args.batch, repeat=args.repeat, device=args.device,
-                      dummy_weights=args.dummy_weights, sparsity_method=args.sparsity_method,
+                      dummy_weights=args.dummy_weights,
+                      sparsity_method=method.name if method else "dense",
                       sparsity=args.sparsity, seed=args.seed)
-    method = make_sparsity_method(args)
     work = Workload(batch=cfg.batch, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
                     sparsity_method=cfg.sparsity_method, sparsity=cfg.sparsity)
     generator, policy, prediction = make_generator(

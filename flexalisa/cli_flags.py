@@ -9,7 +9,8 @@ import argparse
 
 SPARSITY_METHOD_CHOICES = ("dense", "swa", "h2o", "local", "strided", "sinks")
 SPARSITY_HELP = {  # generate/bench wording; keys: method, sparsity, per_kv_head, query_channels
-    "method": "which cached tokens each decode step attends to (default dense)",
+    "method": "which cached tokens each decode step attends to (default: swa when --sparsity "
+              "is given, else dense)",
     "sparsity": "KV sparsity s in [0, 1): share of cached tokens not read per step",
     "per_kv_head": "score and select per KV head (swa, h2o)",
     "query_channels": "swa only: choose global tokens from the current query's top-r channels "
@@ -18,7 +19,7 @@ SPARSITY_HELP = {  # generate/bench wording; keys: method, sparsity, per_kv_head
 
 
 def add_sparsity_flags(p: argparse.ArgumentParser, method_flag: str = "--sparsity-method",
-                       method_default: str = "dense",
+                       method_default: str | None = None,
                        method_choices: tuple[str, ...] | None = SPARSITY_METHOD_CHOICES,
                        sparsity_default: float = 0.0,
                        help_text: dict[str, str] | None = None) -> None:

@@ -86,7 +86,7 @@ def test_bad_construction_raises_flexalisa_error(tiny_chat_model, tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         LLM(tmp_path / "nowhere")
     with pytest.raises(FlexalisaError, match="--sparsity needs a --sparsity-method"):
-        LLM(tiny_chat_model, sparsity=0.5)
+        LLM(tiny_chat_model, sparsity_method="dense", sparsity=0.5)
     with pytest.raises(FlexalisaError, match="unknown sparsity method"):
         LLM(tiny_chat_model, sparsity_method="nope", sparsity=0.5)
     with pytest.raises(FlexalisaError, match="batch_size must be >= 1"):
@@ -212,3 +212,10 @@ def test_out_of_memory_splits_the_batch(tiny_chat_model, monkeypatch):
         limit = 0
         with pytest.raises(FlexalisaError, match="out of cpu memory generating one prompt"):
             llm.generate(PROMPTS[:1], 6)
+
+
+def test_sparsity_alone_is_swa(tiny_chat_model):
+    with LLM(tiny_chat_model, sparsity=0.5) as llm:
+        assert (llm.method.name, llm.method.sparsity) == ("swa", 0.5)
+    with LLM(tiny_chat_model) as llm:
+        assert llm.method is None

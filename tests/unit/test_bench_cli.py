@@ -43,7 +43,8 @@ def test_bench_runs_a_sparse_method_on_a_preset_with_dummy_weights(capsys):
     (["--batch", "0"], "--batch must be >= 1"),
     (["--repeat", "0"], "--repeat must be >= 1"),
     (["--prompt-len", "90"], "exceeds the model's context of 96"),
-    (["--sparsity", "0.5"], "--sparsity needs a --sparsity-method"),
+    (["--sparsity-method", "dense", "--sparsity", "0.5"], "--sparsity needs a --sparsity-method"),
+    (["--query-channels", "4"], "--sparsity needs a --sparsity-method"),
     (["--sparsity-method", "swa", "--sparsity", "1.5"], "sparsity"),
 ])
 def test_bench_bad_arguments(tiny_chat_model, capsys, args, message):
@@ -84,3 +85,12 @@ def test_bench_report_prices_a_policy_file(tiny_chat_model, capsys, tmp_path):
     assert prediction["measured_total_tok_s"] == result["total_tok_s"] > 0
     assert prediction["relative_error"] == pytest.approx(
         result["predicted_total_tok_s"] / result["total_tok_s"] - 1)
+
+
+def test_sparsity_alone_means_alisas_swa(tiny_chat_model, capsys):
+    """``--sparsity 0.8`` without a method is SWA, as DESIGN.md writes the job."""
+    code, out, _ = bench(capsys, "--model", str(tiny_chat_model), "--prompt-len", "8",
+                         "--gen-len", "4", "--batch", "2", "--repeat", "1", "--sparsity", "0.5")
+    assert code == 0
+    result = json.loads(out)
+    assert (result["sparsity_method"], result["sparsity"]) == ("swa", 0.5)
