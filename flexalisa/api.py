@@ -168,6 +168,10 @@ class LLM:
             self._generator, self._policy, self._prediction = make_generator(
                 req, self.weights, self.device, self.method, work, self._hardware)
             self._made_for = work
+            if not req.offload:
+                # keep the engine's weights (in fp32 on a CPU, its oneDNN-packed copy, which
+                # later engines reuse) rather than a second, unpacked copy of the matrices
+                self.weights = self._generator.weights
         return self._generator, self._policy, self._prediction
 
     def _fits(self, work: Workload) -> bool:

@@ -219,3 +219,17 @@ def test_sparsity_alone_is_swa(tiny_chat_model):
         assert (llm.method.name, llm.method.sparsity) == ("swa", 0.5)
     with LLM(tiny_chat_model) as llm:
         assert llm.method is None
+
+
+def test_the_engine_path_keeps_one_copy_of_the_weights(tiny_chat_model):
+    """On a CPU in fp32 the LLM keeps the engine's packed weights instead of a second, loaded
+    copy; an engine made after close() reuses them, with the same completions."""
+    with LLM(tiny_chat_model) as llm:
+        loaded = llm.weights.layers[0]["wqkv"]
+        first = [c.token_ids for c in llm.generate(PROMPTS, 6, ignore_eos=True)]
+        kept = llm.weights.layers[0]["wqkv"]
+        assert kept.is_mkldnn and kept is not loaded and llm.weights is llm.prepare(
+            llm.workload([[5] * 3], [4]))[0].weights
+        llm.close()
+        assert [c.token_ids for c in llm.generate(PROMPTS, 6, ignore_eos=True)] == first
+        assert llm.weights.layers[0]["wqkv"] is kept

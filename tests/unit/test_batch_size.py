@@ -37,6 +37,21 @@ def test_batch_bytes_counts_the_engines_cache_and_the_plans_scratch():
     assert batch_bytes(spec, 3, 24, 16, 4) == cache.nbytes + working_set_bytes(spec, 3, 24, 0, 4)
 
 
+def test_engine_weight_bytes_count_one_copy_and_a_tied_heads_packed_one(tiny_chat_model):
+    from flexalisa.engine import Engine
+    from flexalisa.models import load_model
+
+    weights = load_model(tiny_chat_model)[0]
+    tensors = {id(t): t for t in [*weights.globals.values(),
+                                  *(t for layer in weights.layers for t in layer.values())]}
+    loaded = sum(t.numel() * t.element_size() for t in tensors.values())
+    head = weights.globals["lm_head"]
+    tied = head.numel() * 4 if head is weights.globals["embed"] else 0
+    assert batch_size.engine_weight_bytes(weights, CPU, torch.float32) == loaded + tied
+    packed = Engine(weights).weights  # what the LLM keeps: the same count
+    assert batch_size.engine_weight_bytes(packed, CPU, torch.float32) == loaded + tied
+
+
 def test_engine_batch_is_capped_by_the_device_and_the_job(monkeypatch):
     monkeypatch.setattr(batch_size, "device_memory_bytes", lambda device: 2**40)
     spec = make_spec()
