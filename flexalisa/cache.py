@@ -2,7 +2,7 @@
 
 Rows are left-padded to a common prompt length, so slot `s` holds the same step for every row and
 a decode step writes one column. `valid[b, s]` is False for padding. Finished rows can be dropped
-with `keep_rows`, which shrinks every buffer along the batch dimension.
+with `keep_rows`, which compacts every buffer along the batch dimension.
 """
 
 from __future__ import annotations
@@ -38,12 +38,27 @@ class KVCache:
         return self.keys[layer_idx][:, :, :length], self.values[layer_idx][:, :, :length]
 
     def keep_rows(self, rows: Tensor) -> None:
-        """Drop every row not listed in `rows` (a 1-D index tensor). Layer by layer, so that
-        the old buffers are freed as the new ones are made: at most one layer's K or V exists
-        twice, not the whole cache."""
-        for buffers in (self.keys, self.values):
-            for layer_idx, t in enumerate(buffers):
-                buffers[layer_idx] = t.index_select(0, rows)
+        """Drop every row not listed in `rows` (a 1-D index tensor).
+
+        With `rows` ascending (as `Engine.generate` passes them) the kept rows move down in
+        place, each copying only its filled slots [0, length): nothing is allocated, and the
+        buffers become views of their first rows. A fresh copy of the whole cache per finished
+        row, which this replaces, ran at page-fault speed: SmolLM2 at 64 rows x 1024 slots
+        (2.7 GB) took 0.7-0.8 s per call on the project's CPU box, several decode steps.
+        Otherwise (rows in another order) the buffers are gathered anew, layer by layer.
+        """
+        keep = rows.tolist()
+        if keep == sorted(keep):
+            moves = [(dst, src) for dst, src in enumerate(keep) if dst != src]
+            for buffers in (self.keys, self.values):
+                for layer_idx, t in enumerate(buffers):
+                    for dst, src in moves:  # dst < src, ascending: a source is read before
+                        t[dst, :, :self.length].copy_(t[src, :, :self.length])  # it is written
+                    buffers[layer_idx] = t[:len(keep)]
+        else:
+            for buffers in (self.keys, self.values):
+                for layer_idx, t in enumerate(buffers):
+                    buffers[layer_idx] = t.index_select(0, rows.to(t.device))
         self.valid = self.valid.index_select(0, rows)
 
     @property
