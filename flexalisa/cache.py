@@ -43,8 +43,9 @@ class KVCache:
         With `rows` ascending (as `Engine.generate` passes them) the kept rows move down in
         place, each copying only its filled slots [0, length): nothing is allocated, and the
         buffers become views of their first rows. A fresh copy of the whole cache per finished
-        row, which this replaces, ran at page-fault speed: SmolLM2 at 64 rows x 1024 slots
-        (2.7 GB) took 0.7-0.8 s per call on the project's CPU box, several decode steps.
+        row, which this replaces, often ran at page-fault speed: SmolLM2 at 64 rows x 1024
+        slots (2.7 GB) took 0.7-1.0 s per call in one-off timings on the project's CPU box,
+        several decode steps, against 0.09 s in place.
         Otherwise (rows in another order) the buffers are gathered anew, layer by layer.
         """
         keep = rows.tolist()
