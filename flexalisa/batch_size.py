@@ -77,19 +77,15 @@ def batch_bytes(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, dtyp
 
 
 def engine_weight_bytes(weights, device: torch.device, dtype: torch.dtype) -> int:
-    """What the engine's weights take of ``device_memory_bytes``: each distinct tensor in
-    ``dtype``, and in fp32 on a CPU, where the engine multiplies by a oneDNN-packed copy, a
-    tied lm_head's packed copy too (``LLM`` keeps the packed weights, not the loaded ones)."""
-    from flexalisa.models.linear import can_pack
+    """What the engine's weights take of ``device_memory_bytes``: the layers in ``dtype``, and
+    the globals as the runtime's budget counts them (``runtime.weights.globals_bytes``: tied
+    tensors once, plus a tied lm_head's packed copy in fp32 on a CPU). ``LLM`` keeps the
+    engine's packed weights, not the loaded ones, so this is one copy."""
+    from flexalisa.runtime.weights import globals_bytes
 
-    tensors = {id(t): t for t in [*weights.globals.values(),
-                                  *(t for layer in weights.layers for t in layer.values())]}
-    size = sum(t.numel() * (torch.finfo(dtype).bits // 8 if t.is_floating_point()
-                            else t.element_size()) for t in tensors.values())
-    head = weights.globals.get("lm_head")
-    if can_pack(device, dtype) and head is not None and head is weights.globals.get("embed"):
-        size += head.numel() * torch.finfo(dtype).bits // 8
-    return size
+    elt = torch.empty((), dtype=dtype).element_size()
+    layers = sum(t.numel() for layer in weights.layers for t in layer.values())
+    return globals_bytes(weights.globals, device, dtype) + layers * elt
 
 
 def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
