@@ -26,6 +26,10 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ -n "${FLEXALISA_GPU_GEN_LEN:-}" && ! "$FLEXALISA_GPU_GEN_LEN" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$0: FLEXALISA_GPU_GEN_LEN must be a positive integer, got '$FLEXALISA_GPU_GEN_LEN'" >&2
+    exit 2
+fi
 case "$part" in
     1) select="parity_tiny or opt-1.3b" ;;
     2) select="opt-6.7b" ;;
