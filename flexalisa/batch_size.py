@@ -98,8 +98,11 @@ def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
     cap = AUTO_BATCH_CAP[device.type]
     room = device_memory_bytes(device) - weights_bytes
     dtype_bytes = torch.finfo(dtype).bits // 8
+    def cached(size: int) -> int:  # generated slots per row
+        return cache_gen_len(gen_len, size, num_prompts, method, device)
+
     size = min(cap, num_prompts)
-    while size > 1 and batch_bytes(spec, size, prompt_len, gen_len, dtype_bytes, method,
+    while size > 1 and batch_bytes(spec, size, prompt_len, cached(size), dtype_bytes, method,
                                    sparsity) > room:
         size -= 1
     if size == min(cap, num_prompts):
@@ -107,8 +110,18 @@ def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                else f"the {device.type} cap")
     else:
         why = (f"what {format_bytes(max(room, 0))} of {device.type} memory holds at "
-               f"{prompt_len + gen_len} tokens per sequence")
+               f"{prompt_len + cached(size)} cached tokens per sequence")
     return BatchChoice(size, f"auto: {why}")
+
+
+def cache_gen_len(gen_len: int, batch: int, num_prompts: int, method: str,
+                  device: torch.device) -> int:
+    """Generated slots the engine's KV cache holds per row: twice the generation where more
+    prompts than the batch wait to refill finished rows (dense, on CUDA: ``api.refills``;
+    ``Engine.generate``'s ``max_batch`` sizes its cache so that a prompt can be put in at any
+    step), else the generation."""
+    refilled = num_prompts > batch and method == "dense" and device.type == "cuda"
+    return 2 * gen_len if refilled else gen_len
 
 
 def offload_batch_limit(device: torch.device, num_prompts: int) -> int:

@@ -2,7 +2,9 @@
 
 Rows are left-padded to a common prompt length, so slot `s` holds the same step for every row and
 a decode step writes one column. `valid[b, s]` is False for padding. Finished rows can be dropped
-with `keep_rows`, which compacts every buffer along the batch dimension.
+with `keep_rows`, which compacts every buffer along the batch dimension; a row can also be
+refilled with another prompt's KV (`put_rows`, right-aligned to the filled slots), after `shift`
+has moved every row's slots to make room (`Engine.generate` with `max_batch`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,42 @@ class KVCache:
                 for layer_idx, t in enumerate(buffers):
                     buffers[layer_idx] = t.index_select(0, rows.to(t.device))
         self.valid = self.valid.index_select(0, rows)
+
+    def put_rows(self, rows: Tensor, other: KVCache) -> None:
+        """Store `other`'s filled slots [0, other.length) in `rows` (a 1-D index tensor) at
+        slots [length - other.length, length), right-aligned as left padding is; the rest of
+        those rows becomes padding (`valid` False)."""
+        span = other.length
+        if span > self.length:
+            raise ValueError(f"{span} slots do not fit before slot {self.length}: shift first")
+        start = self.length - span
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for t, src in zip(mine, theirs):
+                t[rows, :, start:self.length] = src[:, :, :span]
+        self.valid[rows] = False
+        self.valid[rows, start:self.length] = other.valid[:, :span]
+
+    def shift(self, delta: int) -> None:
+        """Move every row's filled slots by `delta` (negative: towards slot 0), e.g. to drop
+        slots that only padding holds or to make room on the left for a longer prompt.
+
+        The span moved is [first, length), where `first` is the first slot any row holds;
+        positions (RoPE) are the rows' own and do not change. Costs one copy of the span.
+        """
+        held = self.valid[:, :self.length].any(dim=0).nonzero()
+        first = int(held[0]) if len(held) else self.length
+        lo, hi = first + delta, self.length + delta
+        if lo < 0 or hi > self.max_len:
+            raise ValueError(f"cannot shift slots [{first}, {self.length}) by {delta} within "
+                             f"0..{self.max_len}")
+        if delta == 0:
+            return
+        for t in self.keys + self.values:  # through a copy: source and target overlap
+            t[:, :, lo:hi] = t[:, :, first:self.length].clone()
+        moved = self.valid[:, first:self.length].clone()
+        self.valid.fill_(False)
+        self.valid[:, lo:hi] = moved
+        self.length = hi
 
     @property
     def nbytes(self) -> int:

@@ -3,7 +3,8 @@
 This is the reference the offloading runtime is checked against. The loop is gpt-fast shaped:
 `prefill` fills the cache from left-padded prompts and returns the last position's logits, and
 `decode_step` feeds one token per row. Rows that finish (EOS or their own token limit) are dropped
-from the batch so that later steps do not compute them.
+from the batch so that later steps do not compute them, or, with `max_batch` and prompts
+waiting, refilled with those (continuous batching).
 
 Precision: fp32 on CPU (bf16/fp16 GEMMs are ~100x slower on AVX2), fp16 on CUDA by default.
 """
@@ -35,6 +36,9 @@ from flexalisa.sampling import RowSampler, Sampling, per_row
 from flexalisa.stops import StopWhen
 
 PREFILL_SCORE_BYTES = 256 * 2**20  # prefill rows are chunked so attention scores stay under this
+# with max_batch, free rows are refilled once 1/REFILL_FRACTION of the batch is free (each refill
+# is a prefill of the waiting prompts, better batched; a free row wastes its share of a step)
+REFILL_FRACTION = 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -214,57 +218,145 @@ class Engine:
                  sampling: Sampling | None = None, ignore_eos: bool = False,
                  row_keys: list[str] | None = None,
                  on_tokens: Callable[[int], None] | None = None,
-                 stop_when: StopWhen | None = None) -> GenerationResult:
-        """Generate for left-padded `prompts` until EOS, each row's limit, or ``stop_when(row,
-        tokens)`` (stop strings, flexalisa/stops.py; a row it ends finishes with "stop").
+                 stop_when: StopWhen | None = None,
+                 max_batch: int | None = None) -> GenerationResult:
+        """Generate for `prompts` until EOS, each row's limit, or ``stop_when(row, tokens)``
+        (stop strings, flexalisa/stops.py; a row it ends finishes with "stop").
 
         sampling: one SamplingParams for every row or one per row (greedy by default);
         row_keys seed each row's sampler (see sampling.py); on_tokens(n) is called after every
         step with the number of tokens just produced, for progress bars.
+
+        max_batch: at most this many rows at once (default: every prompt). With more prompts
+        than that, the rest wait in the given order and take the place of rows that finish
+        (continuous batching, as vLLM's scheduler does): once 1/``REFILL_FRACTION`` of the
+        rows are free (or as many as prompts wait), the waiting prompts' prefill runs and
+        their KV is put in those rows, right-aligned to the filled slots. The cache is then
+        sized for the longest prompt plus twice the longest generation, which makes room for
+        any prompt at any step after at most one `shift`. A row's tokens depend only on the
+        call's inputs, not on timing. With a sparsity method the prompts run instead in
+        consecutive batches of `max_batch`.
         """
         limits = row_limits(max_new_tokens, prompts, self.spec.max_seq_len)
-        ids, valid = left_pad(prompts, self.spec.pad_token_id or 0)
+        batch = len(prompts) if max_batch is None else max(1, min(max_batch, len(prompts)))
+        if batch < len(prompts) and self.method is not None:
+            return self._generate_in_batches(prompts, limits, per_row(sampling, len(prompts)),
+                                             ignore_eos, row_keys, on_tokens, stop_when, batch)
+        pad = self.spec.pad_token_id or 0
+        ids, valid = left_pad(prompts[:batch], pad)
         length = ids.shape[1]
-        cache = KVCache(self.spec, len(prompts), length + max(limits), self.device, self.dtype)
-        state = self.new_method_state(len(prompts), cache.max_len)
+        refilling = batch < len(prompts)
+        capacity = (max(map(len, prompts)) + 2 * max(limits) if refilling
+                    else length + max(limits[:batch]))
+        cache = KVCache(self.spec, batch, capacity, self.device, self.dtype)
+        state = self.new_method_state(batch, cache.max_len)
         sampler = RowSampler(per_row(sampling, len(prompts)),
                              row_keys or [str(i) for i in range(len(prompts))])
         eos = torch.tensor(self.spec.eos_token_ids or [-1], device=self.device)
         out: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
-        active = list(range(len(prompts)))  # original row of each cache row
-        positions = valid.sum(dim=1).to(self.device)  # next position per row
+        rows: list[int | None] = list(range(batch))  # prompt of each cache row; None: free
+        waiting = list(range(len(prompts) - 1, batch - 1, -1))  # popped from the end
+        refill_at = max(1, batch // REFILL_FRACTION)
+
+        def take(logits: Tensor, cache_rows: list[int]) -> Tensor:
+            """Sample the next token of `cache_rows` (logits' rows) and record it; rows that
+            end become free (None)."""
+            next_ids = sampler.sample(logits, [rows[r] for r in cache_rows])
+            is_eos = torch.isin(next_ids, eos).tolist()
+            if on_tokens is not None:
+                on_tokens(len(cache_rows))
+            for local, (r, token) in enumerate(zip(cache_rows, next_ids.tolist())):
+                row = rows[r]
+                out[row].append(token)
+                if is_eos[local] and not ignore_eos or stop_when and stop_when(row, out[row]):
+                    reasons[row] = "stop"
+                    rows[r] = None
+                elif len(out[row]) >= limits[row]:
+                    rows[r] = None
+            return next_ids
 
         t0 = time.perf_counter()
         logits = self.prefill(cache, ids, valid, state)
         self._sync()
+        prefill_s, refill_s = time.perf_counter() - t0, 0.0
         t1 = time.perf_counter()
+        positions = valid.sum(dim=1).to(self.device)  # next position per row
+        next_ids = take(logits, list(range(batch)))
         while True:
-            next_ids = sampler.sample(logits, active)
-            is_eos = torch.isin(next_ids, eos).tolist()
-            if on_tokens is not None:
-                on_tokens(len(active))
-            keep = []
-            for local, (row, token) in enumerate(zip(active, next_ids.tolist())):
-                out[row].append(token)
-                if is_eos[local] and not ignore_eos or stop_when and stop_when(row, out[row]):
-                    reasons[row] = "stop"
-                elif len(out[row]) < limits[row]:
-                    keep.append(local)
-            if not keep:
+            free = [r for r, row in enumerate(rows) if row is None]
+            while waiting and free and (len(free) >= min(refill_at, len(waiting))
+                                        or len(free) == len(rows)):
+                t = time.perf_counter()
+                # a free row's slots are junk: unheld, they leave the span shifts move
+                cache.valid[torch.tensor(free, device=self.device)] = False
+                new = [waiting.pop() for _ in free[:len(waiting)]]
+                cache_rows = free[:len(new)]
+                logits = self._refill(cache, [prompts[i] for i in new], cache_rows,
+                                      max(limits[i] for i in new), positions)
+                for r, row in zip(cache_rows, new):
+                    rows[r] = row
+                self._sync()
+                refill_s += time.perf_counter() - t
+                next_ids[cache_rows] = take(logits, cache_rows)
+                free = [r for r, row in enumerate(rows) if row is None]
+            if len(free) == len(rows):
                 break
-            if len(keep) < len(active):
-                rows = torch.tensor(keep, device=self.device)
-                cache.keep_rows(rows)
+            if free and not waiting:  # nothing left to refill with: drop the free rows
+                keep = [r for r, row in enumerate(rows) if row is not None]
+                kept = torch.tensor(keep, device=self.device)
+                cache.keep_rows(kept)
                 if state is not None:
-                    state.keep_rows(rows)
-                next_ids, positions = next_ids[rows], positions[rows]
-                active = [active[i] for i in keep]
+                    state.keep_rows(kept)
+                next_ids, positions = next_ids[kept], positions[kept]
+                rows = [rows[r] for r in keep]
             logits = self.decode_step(cache, next_ids, positions, state)
             positions = positions + 1
+            live = [r for r, row in enumerate(rows) if row is not None]
+            next_ids[live] = take(logits[live] if len(live) < len(rows) else logits, live)
         self._sync()
-        t2 = time.perf_counter()
-        return GenerationResult(out, reasons, t1 - t0, t2 - t1, int(valid.sum()), length)
+        decode_s = time.perf_counter() - t1 - refill_s
+        return GenerationResult(out, reasons, prefill_s + refill_s, decode_s,
+                                sum(map(len, prompts)), length)
+
+    def _refill(self, cache: KVCache, prompts: list[list[int]], cache_rows: list[int],
+                max_new: int, positions: Tensor) -> Tensor:
+        """Prefill `prompts` and put their KV in the free (unheld) `cache_rows` (see `generate`),
+        shifting the cache's slots first where the prompts or their generation would not fit,
+        or where more than half the filled slots hold only padding. Sets their positions;
+        returns their last logits (b, V)."""
+        ids, valid = left_pad(prompts, self.spec.pad_token_id or 0)
+        fresh = KVCache(self.spec, len(prompts), ids.shape[1], self.device, self.dtype)
+        logits = self.prefill(fresh, ids, valid)
+        rows = torch.tensor(cache_rows, device=self.device)
+        held = cache.valid[:, :cache.length].any(dim=0).nonzero()
+        first = int(held[0]) if len(held) else cache.length
+        span = cache.length - first  # the slots live rows hold
+        if (fresh.length > cache.length or cache.length + max_new > cache.max_len
+                or first > span):
+            cache.shift(max(fresh.length, span) - cache.length)
+        cache.put_rows(rows, fresh)
+        positions[rows] = valid.sum(dim=1).to(self.device)
+        return logits
+
+    def _generate_in_batches(self, prompts: list[list[int]], limits: list[int],
+                             sampling: list, ignore_eos: bool, row_keys: list[str] | None,
+                             on_tokens: Callable[[int], None] | None,
+                             stop_when: StopWhen | None, batch: int) -> GenerationResult:
+        """`generate` over consecutive slices of `batch` prompts, merged into one result."""
+        keys = row_keys or [str(i) for i in range(len(prompts))]
+        parts = []
+        for s in range(0, len(prompts), batch):
+            part = slice(s, s + batch)
+            stops = None if stop_when is None else (
+                lambda row, tokens, s=s: stop_when(row + s, tokens))
+            parts.append(self.generate(prompts[part], limits[part], sampling[part], ignore_eos,
+                                       keys[part], on_tokens, stops))
+        return GenerationResult([t for r in parts for t in r.tokens],
+                                [f for r in parts for f in r.finish_reasons],
+                                sum(r.prefill_s for r in parts), sum(r.decode_s for r in parts),
+                                sum(r.num_prompt_tokens for r in parts),
+                                max(r.padded_prompt_len for r in parts))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from flexalisa.api import LLM, check_stops
+from flexalisa.api import LLM, check_stops, refills
 from flexalisa.attention import SparsityMethod
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import (
@@ -23,6 +23,8 @@ from flexalisa.jobs import (
 from flexalisa.placement import PlacementRequest
 from flexalisa.report import RunStats, runtime_sections, write_report
 from flexalisa.sampling import SamplingParams
+
+REFILL_GROUP = 4  # batches per group the Engine refills its rows from (see run_generate)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,13 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     choice = llm.batch_choice()
     if choice.reason != "batch_size":
         print(choice.describe(), file=sys.stderr)
-    batches = list(plan_batches(records, [len(t) for t in token_lists], choice.size))
+    # the Engine refills finished rows from the rest of a group of REFILL_GROUP batches; the
+    # group is the unit of output and of resume (a group is rerun whole, so that its rows see
+    # the same batches as in an uninterrupted run)
+    refill = refills(engine)
+    batches = list(plan_batches(records, [len(t) for t in token_lists],
+                                choice.size * (REFILL_GROUP if refill else 1),
+                                longest_first=refill))
     pending = [b for b in batches if any(records[i].key not in done for i in b)]
     budget = sum(limits[i] for b in pending for i in b)
     skipped = sum(1 for r in records if r.key in done)
@@ -87,7 +95,8 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
                     [records[i].key for i in batch],
                     [records[i].sampling_params(cfg.sampling) for i in batch], cfg.ignore_eos,
                     bar.update,
-                    [cfg.stop if records[i].stop is None else records[i].stop for i in batch])
+                    [cfg.stop if records[i].stop is None else records[i].stop for i in batch],
+                    choice.size if refill else None)
                 # rows already done were recomputed only so their batch-mates see the same batch
                 append_results(cfg.output, [
                     {"id": records[i].id, "text": c.text, "prompt_tokens": c.prompt_tokens,

@@ -1,6 +1,8 @@
 """The offloading runtime on CUDA (skipped without it).
 
 * Dense parity on CUDA (fp32, tiny models): copy streams + events give the Engine's tokens.
+* The Engine's refilling of finished rows (continuous batching, on by default on CUDA) gives
+  the tokens of fixed batches.
 * OPT-1.3B / OPT-6.7B shapes with dummy fp16 weights, a 16 GB device budget, prompt 128,
   gen 512, batch 64: ALISA (the cost model's best SWA policy at sparsity 0.8 that the runtime's
   plan fits, on the H100 preset, the nearest to the H200 this is run on) vs a FlexGen-style
@@ -58,6 +60,16 @@ def test_cuda_dense_parity_tiny(tiny_models, placement, cpu_attention):
     got = runner.generate(prompts, 32, ignore_eos=True)
     runner.close()
     assert got.tokens == want.tokens
+
+
+def test_cuda_engine_refills_rows_as_fixed_batches_generate(tiny_models):
+    """Jobs refill finished rows on CUDA (``api.refills``): the same tokens as fixed batches."""
+    engine = Engine(load_model(tiny_models["llama"][0])[0], device="cuda", dtype=torch.float32)
+    prompts, limits = make_prompts(9, 16, seed=4), [12, 3, 1, 9, 12, 5, 2, 12, 7]
+    want = [t for s in range(0, 9, 3)
+            for t in engine.generate(prompts[s:s + 3], limits[s:s + 3], ignore_eos=True).tokens]
+    got = engine.generate(prompts, limits, ignore_eos=True, max_batch=3)
+    assert got.tokens == want
 
 
 def dummy_opt(name: str, device: str = "cpu") -> ModelWeights:

@@ -15,6 +15,7 @@ from flexalisa.batch_size import (
     AUTO_BATCH_CAP,
     batch_bytes,
     batch_candidates,
+    cache_gen_len,
     engine_batch_size,
     host_memory_bytes,
 )
@@ -73,7 +74,7 @@ def test_engine_batch_is_the_largest_that_fits(monkeypatch, method, sparsity):
     assert 1 < choice.size < AUTO_BATCH_CAP["cpu"]
     assert batch_bytes(spec, choice.size, 512, 256, 4, method, sparsity) <= room
     assert batch_bytes(spec, choice.size + 1, 512, 256, 4, method, sparsity) > room
-    assert "6.00 GiB of cpu memory" in choice.reason and "768 tokens" in choice.reason
+    assert "6.00 GiB of cpu memory" in choice.reason and "768 cached tokens" in choice.reason
     longer = engine_batch_size(spec, CPU, torch.float32, weights, 1000, 1536, 256, method,
                                sparsity)
     assert 1 <= longer.size < choice.size
@@ -149,3 +150,11 @@ def test_auto_batch_under_a_budget_is_the_searchs(tiny_chat_model):
         assert off.prepare(off.workload([[5] * 3] * 12, [4] * 12))[0] is not runner
     assert got == want
     assert choice.size in batch_candidates(6) and choice.reason == "auto: the cost model's choice"
+
+
+def test_the_cache_holds_twice_the_generation_only_where_rows_are_refilled():
+    cuda = torch.device("cuda")  # only its type is read
+    assert cache_gen_len(256, 8, 9, "dense", cuda) == 512
+    assert cache_gen_len(256, 8, 8, "dense", cuda) == 256  # every prompt in the batch
+    assert cache_gen_len(256, 8, 9, "swa", cuda) == 256  # a method runs consecutive batches
+    assert cache_gen_len(256, 8, 9, "dense", CPU) == 256  # fixed batches on a CPU

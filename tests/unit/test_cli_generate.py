@@ -55,6 +55,34 @@ def test_rerun_skips_finished_ids(tiny_chat_model, tmp_path, capsys, monkeypatch
     assert {name: (tmp_path / name).read_text() for name in before} == before
 
 
+def test_a_refilled_job_writes_and_resumes_by_group(tiny_chat_model, tmp_path, monkeypatch,
+                                                    capsys):
+    """Where the engine refills rows (CUDA; forced here), a job runs in groups of 4 batches,
+    each written at once; a rerun skips the groups already written and reruns a partly written
+    one whole, writing only its missing ids, and ends with the uninterrupted run's lines."""
+    monkeypatch.setattr("flexalisa.generate_job.refills", lambda generator: True)
+    rows = [{"id": i, "prompt": f"Item {i} of the list is", "max_new_tokens": 1 + i % 6}
+            for i in range(14)]
+    full = tmp_path / "full"
+    full.mkdir()
+    code, out = run(tiny_chat_model, full, rows, "--batch-size", "2", "--ignore-eos")
+    assert code == 0
+    reference = read(out)
+    assert sorted(r["id"] for r in reference) == list(range(14))
+    assert [r["completion_tokens"] for r in sorted(reference, key=lambda r: r["id"])] == [
+        r["max_new_tokens"] for r in rows]
+    for kept, rerun in ((8, 6), (5, 14)):  # the first group (8 ids) written whole, or in part
+        cut = tmp_path / f"cut{kept}"
+        cut.mkdir()
+        (cut / "out.jsonl").write_text("".join(line + "\n" for line in
+                                               out.read_text().splitlines()[:kept]))
+        code, resumed = run(tiny_chat_model, cut, rows, "--batch-size", "2", "--ignore-eos")
+        assert code == 0 and f"resuming: {kept} of 14" in capsys.readouterr().err
+        assert sorted(map(json.dumps, read(resumed))) == sorted(map(json.dumps, reference))
+        report = json.loads((cut / "report.json").read_text())
+        assert report["stats"]["num_prompts"] == rerun
+
+
 def test_sampling_is_seeded_per_row(tiny_chat_model, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
