@@ -264,7 +264,7 @@ class LLM:
         out: list[Completion | None] = [None] * len(prompts)
         bar = _progress_bar(sum(limits)) if progress else None
         size = self.effective_batch_size
-        refill = refills(generator)  # the engine takes the whole call, `size` rows at once
+        refill = refills(generator, self.placement)  # the whole call, `size` rows at once
         try:
             for batch in plan_batches(prompts, [len(t) for t in token_lists],
                                       len(prompts) if refill else size, longest_first=refill):
@@ -343,15 +343,17 @@ class LLM:
         self.close()
 
 
-def refills(generator) -> bool:
+def refills(generator, placement: PlacementRequest) -> bool:
     """Whether jobs and ``LLM.generate`` let ``generator`` refill finished rows from waiting
-    prompts (``Engine.generate``'s ``max_batch``): the Engine on CUDA, where a decode step
+    prompts (``Engine.generate``'s ``max_batch``): the Engine on CUDA with no placement asked
+    for (a budget's plan counts a fixed batch's cache), where a decode step
     costs about the same with fewer rows. Not on a CPU: there a step's cost follows its rows
     (one-off measurement in the commit that added this: a 192-prompt chat job, same texts,
     43.5 s refilled vs 43.4 s in fixed batches of 64; 63.4 vs 64.8 s at 16), while a refilled
     batch's cache holds twice the generation and a killed job redoes a group of batches. Not
     the offloading runner, whose batches are fixed by its policy."""
-    return isinstance(generator, Engine) and generator.device.type == "cuda"
+    return (isinstance(generator, Engine) and generator.device.type == "cuda"
+            and not placement.offload)
 
 
 def check_stops(stops) -> tuple[str, ...]:

@@ -71,7 +71,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     # the Engine refills finished rows from the rest of a group of REFILL_GROUP batches; the
     # group is the unit of output and of resume (a group is rerun whole, so that its rows see
     # the same batches as in an uninterrupted run)
-    refill = refills(engine)
+    refill = refills(engine, cfg.placement)
     batches = list(plan_batches(records, [len(t) for t in token_lists],
                                 choice.size * (REFILL_GROUP if refill else 1),
                                 longest_first=refill))

@@ -60,7 +60,7 @@ def test_a_refilled_job_writes_and_resumes_by_group(tiny_chat_model, tmp_path, m
     """Where the engine refills rows (CUDA; forced here), a job runs in groups of 4 batches,
     each written at once; a rerun skips the groups already written and reruns a partly written
     one whole, writing only its missing ids, and ends with the uninterrupted run's lines."""
-    monkeypatch.setattr("flexalisa.generate_job.refills", lambda generator: True)
+    monkeypatch.setattr("flexalisa.generate_job.refills", lambda *args: True)
     rows = [{"id": i, "prompt": f"Item {i} of the list is", "max_new_tokens": 1 + i % 6}
             for i in range(14)]
     full = tmp_path / "full"

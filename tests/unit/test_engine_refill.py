@@ -142,3 +142,15 @@ def test_random_queues_refill_without_running_out_of_room(engine, seed):
         alone = engine.generate([p], n, ignore_eos=True,
                                 stop_when=lambda row, tokens, i=i: stop_when(i, tokens))
         assert got.tokens[i] == alone.tokens[0], f"prompt {i}"
+
+
+def test_jobs_refill_only_on_a_cuda_engine_with_no_placement(engine):
+    from flexalisa.api import refills
+    from flexalisa.placement import PlacementRequest
+
+    on_cuda = Engine.__new__(Engine)  # only its device is read
+    on_cuda.device = torch.device("cuda")
+    assert refills(on_cuda, PlacementRequest())
+    assert not refills(on_cuda, PlacementRequest(gpu_mem="16GB"))  # a budget plans fixed batches
+    assert not refills(engine, PlacementRequest())  # on the CPU
+    assert not refills(object(), PlacementRequest())  # the offloading runner
