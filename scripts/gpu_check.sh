@@ -31,7 +31,7 @@ if [[ -n "${FLEXALISA_GPU_GEN_LEN:-}" && ! "$FLEXALISA_GPU_GEN_LEN" =~ ^[1-9][0-
     exit 2
 fi
 case "$part" in
-    1) select="parity_tiny or opt-1.3b" ;;
+    1) select="parity_tiny or refills or opt-1.3b" ;;
     2) select="opt-6.7b" ;;
     *) echo "usage: $0 1|2" >&2; exit 2 ;;
 esac
