@@ -9,7 +9,7 @@
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #       -d .whl pulp==3.3.2 gguf==0.19.0                                   # ~16 MB
 # then, with the device tool (each part must end inside one call's 10 minutes):
-#   run(command="bash scripts/gpu_check.sh 1", carry=[".whl"], timeout_s=600)  # parity, OPT-1.3B
+#   run(command="bash scripts/gpu_check.sh 1", carry=[".whl"], timeout_s=600)  # parity, refill, OPT-1.3B
 #   run(command="bash scripts/gpu_check.sh 2", carry=[".whl"], timeout_s=600)  # OPT-6.7B
 # FLEXALISA_GPU_GEN_LEN=128 before `bash` shortens a first timing pass (the JSON lines carry
 # gen_len). Output: $OUT/gpu_log_PART.txt (the pytest log) and $OUT/gpu_results_PART.jsonl (one
@@ -42,5 +42,10 @@ esac
 } 2>&1 | tee "$log"
 python3 -m pytest tests/gpu -s -p no:cacheprovider -k "$select" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
+if [ "$part" = 1 ]; then  # the engine's refilling vs fixed batches on CUDA (a JSON line)
+    python3 scripts/bench_refill.py --device cuda --preset opt-1.3b --prompts 512 --batch 128 \
+        --repeat 3 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 grep '^{"model"' "$log" > "$out/gpu_results_$part.jsonl" || true
 exit "$status"
