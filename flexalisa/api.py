@@ -347,11 +347,10 @@ def refills(generator, placement: PlacementRequest) -> bool:
     """Whether jobs and ``LLM.generate`` let ``generator`` refill finished rows from waiting
     prompts (``Engine.generate``'s ``max_batch``): the Engine on CUDA with no placement asked
     for (a budget's plan counts a fixed batch's cache), where a decode step
-    costs about the same with fewer rows. Not on a CPU: there a step's cost follows its rows
-    (one-off measurement in the commit that added this: a 192-prompt chat job, same texts,
-    43.5 s refilled vs 43.4 s in fixed batches of 64; 63.4 vs 64.8 s at 16), while a refilled
-    batch's cache holds twice the generation and a killed job redoes a group of batches. Not
-    the offloading runner, whose batches are fixed by its policy."""
+    costs about the same with fewer rows. Not on a CPU: there a step's cost follows its rows,
+    so refilling gained 0-11% in the README's runs (``scripts/bench_refill.py``), while a
+    refilled batch's cache holds twice the generation and a killed job redoes a group of
+    batches. Not the offloading runner, whose batches are fixed by its policy."""
     return (isinstance(generator, Engine) and generator.device.type == "cuda"
             and not placement.offload)
 
