@@ -98,6 +98,7 @@ def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
     cap = AUTO_BATCH_CAP[device.type]
     room = device_memory_bytes(device) - weights_bytes
     dtype_bytes = torch.finfo(dtype).bits // 8
+
     def cached(size: int) -> int:  # generated slots per row
         return cache_gen_len(gen_len, size, num_prompts, method, device)
 
