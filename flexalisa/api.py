@@ -85,7 +85,7 @@ class LLM:
                  batch_size: int | None = None,
                  gpu_mem: str | None = None, cpu_mem: str | None = None,
                  policy: str | Path | None = None, auto_policy: bool = False,
-                 hardware: str = "local") -> None:
+                 hardware: str = "local", refill: bool | None = None) -> None:
         """``model``: HF checkpoint dir or .gguf (None = the embedded SmolLM2-135M);
         ``sparsity_method`` ("dense", "swa", "h2o", "local", "strided", "sinks"; None: swa
         when ``sparsity`` is given, else dense), ``sparsity``,
@@ -95,27 +95,36 @@ class LLM:
         ``flexalisa.batch_size``); ``gpu_mem``/``cpu_mem``:
         budgets with units ("512MiB"), enforced on a CPU-only machine too; ``policy``: a
         policy.json; ``auto_policy``: search one with the cost model on ``hardware`` (a preset,
-        a hw.json, or "local": measure this machine once, ~15 s)."""
+        a hw.json, or "local": measure this machine once, ~15 s); ``refill``: refill rows
+        that end with waiting prompts (continuous batching; None: on CUDA, see
+        ``refilling``)."""
         placement = PlacementRequest(policy_path=Path(policy) if policy else None,
                                      auto_policy=auto_policy, hardware=hardware,
                                      gpu_mem=gpu_mem, cpu_mem=cpu_mem)
         method = method_from_flags(sparsity_method, sparsity, per_kv_head, query_channels)
-        self._setup(model, device, method, placement, batch_size)
+        self._setup(model, device, method, placement, batch_size, refill)
 
     @classmethod
     def from_parts(cls, model: str | Path | None, device: str, method: SparsityMethod | None,
-                   placement: PlacementRequest, batch_size: int | None) -> LLM:
+                   placement: PlacementRequest, batch_size: int | None,
+                   refill: bool | None = None) -> LLM:
         """As the constructor, for callers that already built the method and placement."""
         llm = cls.__new__(cls)
-        llm._setup(model, device, method, placement, batch_size)
+        llm._setup(model, device, method, placement, batch_size, refill)
         return llm
 
     def _setup(self, model, device: str, method: SparsityMethod | None,
-               placement: PlacementRequest, batch_size: int | None) -> None:
+               placement: PlacementRequest, batch_size: int | None,
+               refill: bool | None = None) -> None:
         if batch_size is not None and batch_size < 1:
             raise FlexalisaError(f"batch_size must be >= 1, got {batch_size}")
+        if refill and (method is not None or placement.offload):
+            raise FlexalisaError("refilling rows (--refill on) needs the all-on-device engine "
+                                 "with dense attention: drop --sparsity / --sparsity-method and "
+                                 "the placement flags (--gpu-mem, --cpu-mem, --policy, "
+                                 "--auto-policy)")
         self.device, self.method, self.placement = device, method, placement
-        self.batch_size = batch_size
+        self.batch_size, self.refill = batch_size, refill
         # host weights in the compute dtype: a GPU run's fp16 host copy is all it keeps
         self.weights, tok = load_model(model, default_dtype(resolve_device(device)))
         if tok is None:
@@ -216,7 +225,7 @@ class LLM:
             dtype = default_dtype(device)
             self._choice = engine_batch_size(
                 self.weights.spec, device, dtype, engine_weight_bytes(self.weights, device, dtype),
-                len(token_lists), prompt_len, gen_len, name, sparsity)
+                len(token_lists), prompt_len, gen_len, name, sparsity, self.refilling(device))
         return Workload(batch=self._choice.size, prompt_len=prompt_len, gen_len=gen_len,
                         sparsity_method=name, sparsity=sparsity,
                         auto_batch=self.batch_size is None)
@@ -264,7 +273,7 @@ class LLM:
         out: list[Completion | None] = [None] * len(prompts)
         bar = _progress_bar(sum(limits)) if progress else None
         size = self.effective_batch_size
-        refill = refills(generator, self.placement)  # the whole call, `size` rows at once
+        refill = self.refills(generator)  # then the whole call, `size` rows at once
         try:
             for batch in plan_batches(prompts, [len(t) for t in token_lists],
                                       len(prompts) if refill else size, longest_first=refill):
@@ -329,6 +338,23 @@ class LLM:
                 for prompt, tokens, reason, row_stops in zip(
                     token_lists, result.tokens, result.finish_reasons, stop_when.stops)]
 
+    def refilling(self, device: torch.device) -> bool:
+        """Whether the engine refills rows that end with waiting prompts (``Engine.generate``'s
+        ``max_batch``) in ``generate`` and jobs: ``refill``, where it is given; by default on
+        CUDA, where a decode step costs about the same with fewer rows. Not by default on a
+        CPU: there a step's cost follows its rows, so refilling gained 0-11% in the README's
+        runs (``scripts/bench_refill.py``), while a refilled batch's cache holds twice the
+        generation and a killed job redoes a group of batches. Never with a sparsity method
+        or a placement (the offloading runner's batches are its policy's; a budget's plan
+        counts a fixed batch's cache)."""
+        if self.refill is False or self.method is not None or self.placement.offload:
+            return False
+        return bool(self.refill) or device.type == "cuda"
+
+    def refills(self, generator) -> bool:
+        """``refilling`` for the generator ``prepare`` made (the Engine, or not)."""
+        return isinstance(generator, Engine) and self.refilling(generator.device)
+
     def close(self) -> None:
         """Stop the offloading runner's copy threads, if one runs; generate makes a new one."""
         close = getattr(self._generator, "close", None)
@@ -341,18 +367,6 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def refills(generator, placement: PlacementRequest) -> bool:
-    """Whether jobs and ``LLM.generate`` let ``generator`` refill finished rows from waiting
-    prompts (``Engine.generate``'s ``max_batch``): the Engine on CUDA with no placement asked
-    for (a budget's plan counts a fixed batch's cache), where a decode step
-    costs about the same with fewer rows. Not on a CPU: there a step's cost follows its rows,
-    so refilling gained 0-11% in the README's runs (``scripts/bench_refill.py``), while a
-    refilled batch's cache holds twice the generation and a killed job redoes a group of
-    batches. Not the offloading runner, whose batches are fixed by its policy."""
-    return (isinstance(generator, Engine) and generator.device.type == "cuda"
-            and not placement.offload)
 
 
 def check_stops(stops) -> tuple[str, ...]:

@@ -90,7 +90,8 @@ def engine_weight_bytes(weights, device: torch.device, dtype: torch.dtype) -> in
 
 def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                       weights_bytes: int, num_prompts: int, prompt_len: int, gen_len: int,
-                      method: str = "dense", sparsity: float = 0.0) -> BatchChoice:
+                      method: str = "dense", sparsity: float = 0.0,
+                      refill: bool = False) -> BatchChoice:
     """The largest batch, at most the device's cap and the job's prompt count, whose
     ``batch_bytes`` fit ``device_memory_bytes`` less ``weights_bytes`` (what the engine's
     weights take there). One prompt when none fits: running it is then the engine's
@@ -100,7 +101,7 @@ def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
     dtype_bytes = torch.finfo(dtype).bits // 8
 
     def cached(size: int) -> int:  # generated slots per row
-        return cache_gen_len(gen_len, size, num_prompts, method, device)
+        return cache_gen_len(gen_len, size, num_prompts, refill)
 
     size = min(cap, num_prompts)
     while size > 1 and batch_bytes(spec, size, prompt_len, cached(size), dtype_bytes, method,
@@ -115,14 +116,12 @@ def engine_batch_size(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
     return BatchChoice(size, f"auto: {why}")
 
 
-def cache_gen_len(gen_len: int, batch: int, num_prompts: int, method: str,
-                  device: torch.device) -> int:
-    """Generated slots the engine's KV cache holds per row: twice the generation where more
-    prompts than the batch wait to refill finished rows (dense, on CUDA: ``api.refills``;
-    ``Engine.generate``'s ``max_batch`` sizes its cache so that a prompt can be put in at any
+def cache_gen_len(gen_len: int, batch: int, num_prompts: int, refill: bool) -> int:
+    """Generated slots the engine's KV cache holds per row: twice the generation where rows
+    are refilled (``refill``, see ``LLM.refilling``) and more prompts than the batch wait
+    (``Engine.generate``'s ``max_batch`` sizes its cache so that a prompt can be put in at any
     step), else the generation."""
-    refilled = num_prompts > batch and method == "dense" and device.type == "cuda"
-    return 2 * gen_len if refilled else gen_len
+    return 2 * gen_len if refill and num_prompts > batch else gen_len
 
 
 def offload_batch_limit(device: torch.device, num_prompts: int) -> int:

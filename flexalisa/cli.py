@@ -30,6 +30,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "on a CPU and 256 on a GPU, or the cost model's choice when it places "
                         "the model; a policy's own batch wins)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--refill", default="auto", choices=["auto", "on", "off"],
+                   help="refill rows that end with waiting prompts (continuous batching; "
+                        "output is then written per group of 4 batches): auto = on CUDA, on = "
+                        "also on a CPU, off = fixed batches (default: auto)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
@@ -70,7 +74,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         batch_size=batch_size_arg(args.batch_size), device=args.device, ignore_eos=args.ignore_eos,
         stop=tuple(args.stop),
         sampling=SamplingParams(args.temperature, args.top_p, args.seed, args.top_k),
-        method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args))
+        method=make_sparsity_method(args), chat=args.chat, placement=placement_from_args(args),
+        refill={"auto": None, "on": True, "off": False}[args.refill])
     run_generate(cfg, command=args.command_line)
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from flexalisa.api import LLM, check_stops, refills
+from flexalisa.api import LLM, check_stops
 from flexalisa.attention import SparsityMethod
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import (
@@ -41,6 +41,7 @@ class GenerateConfig:
     method: SparsityMethod | None = None  # KV sparsity (flexalisa.attention); None = dense
     chat: bool = False  # wrap each prompt in the model's chat template as a user turn
     placement: PlacementRequest = PlacementRequest()  # policy / budgets: offloading runner
+    refill: bool | None = None  # refill rows that end (continuous batching); None: on CUDA
 
     def __post_init__(self) -> None:
         if self.gen_len < 1:
@@ -60,7 +61,8 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
         print(f"nothing to do: all {len(records)} ids are already in {cfg.output} "
               f"(its report.json is left as it was)", file=sys.stderr)
         return RunStats()
-    llm = LLM.from_parts(cfg.model, cfg.device, cfg.method, cfg.placement, cfg.batch_size)
+    llm = LLM.from_parts(cfg.model, cfg.device, cfg.method, cfg.placement, cfg.batch_size,
+                         cfg.refill)
     token_lists = llm.encode([r.prompt for r in records], cfg.chat,
                              [f"line {r.line_no}: prompt of id {r.id!r}" for r in records])
     limits = [r.max_new_tokens or cfg.gen_len for r in records]
@@ -71,7 +73,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     # the Engine refills finished rows from the rest of a group of REFILL_GROUP batches; the
     # group is the unit of output and of resume (a group is rerun whole, so that its rows see
     # the same batches as in an uninterrupted run)
-    refill = refills(engine, cfg.placement)
+    refill = llm.refills(engine)
     batches = list(plan_batches(records, [len(t) for t in token_lists],
                                 choice.size * (REFILL_GROUP if refill else 1),
                                 longest_first=refill))

@@ -153,8 +153,17 @@ def test_auto_batch_under_a_budget_is_the_searchs(tiny_chat_model):
 
 
 def test_the_cache_holds_twice_the_generation_only_where_rows_are_refilled():
-    cuda = torch.device("cuda")  # only its type is read
-    assert cache_gen_len(256, 8, 9, "dense", cuda) == 512
-    assert cache_gen_len(256, 8, 8, "dense", cuda) == 256  # every prompt in the batch
-    assert cache_gen_len(256, 8, 9, "swa", cuda) == 256  # a method runs consecutive batches
-    assert cache_gen_len(256, 8, 9, "dense", CPU) == 256  # fixed batches on a CPU
+    assert cache_gen_len(256, 8, 9, True) == 512
+    assert cache_gen_len(256, 8, 8, True) == 256  # every prompt in the batch: nothing waits
+    assert cache_gen_len(256, 8, 9, False) == 256  # fixed batches
+
+
+def test_a_refilled_auto_batch_counts_twice_the_generation(monkeypatch):
+    spec = PRESETS["opt-1.3b"]
+    room, weights = 6 * 2**30, 2**30
+    monkeypatch.setattr(batch_size, "device_memory_bytes", lambda device: room + weights)
+    fixed = engine_batch_size(spec, CPU, torch.float32, weights, 1000, 512, 256)
+    refilled = engine_batch_size(spec, CPU, torch.float32, weights, 1000, 512, 256, refill=True)
+    assert batch_bytes(spec, refilled.size, 512, 512, 4) <= room
+    assert batch_bytes(spec, refilled.size + 1, 512, 512, 4) > room
+    assert refilled.size < fixed.size and "1024 cached tokens" in refilled.reason

@@ -55,17 +55,17 @@ def test_rerun_skips_finished_ids(tiny_chat_model, tmp_path, capsys, monkeypatch
     assert {name: (tmp_path / name).read_text() for name in before} == before
 
 
-def test_a_refilled_job_writes_and_resumes_by_group(tiny_chat_model, tmp_path, monkeypatch,
-                                                    capsys):
-    """Where the engine refills rows (CUDA; forced here), a job runs in groups of 4 batches,
-    each written at once; a rerun skips the groups already written and reruns a partly written
-    one whole, writing only its missing ids, and ends with the uninterrupted run's lines."""
-    monkeypatch.setattr("flexalisa.generate_job.refills", lambda *args: True)
+def test_a_refilled_job_writes_and_resumes_by_group(tiny_chat_model, tmp_path, capsys):
+    """Where the engine refills rows (CUDA by default; --refill on here), a job runs in groups
+    of 4 batches, each written at once; a rerun skips the groups already written and reruns a
+    partly written one whole, writing only its missing ids, and ends with the uninterrupted
+    run's lines."""
     rows = [{"id": i, "prompt": f"Item {i} of the list is", "max_new_tokens": 1 + i % 6}
             for i in range(14)]
     full = tmp_path / "full"
     full.mkdir()
-    code, out = run(tiny_chat_model, full, rows, "--batch-size", "2", "--ignore-eos")
+    code, out = run(tiny_chat_model, full, rows, "--batch-size", "2", "--ignore-eos",
+                    "--refill", "on")
     assert code == 0
     reference = read(out)
     assert sorted(r["id"] for r in reference) == list(range(14))
@@ -76,7 +76,8 @@ def test_a_refilled_job_writes_and_resumes_by_group(tiny_chat_model, tmp_path, m
         cut.mkdir()
         (cut / "out.jsonl").write_text("".join(line + "\n" for line in
                                                out.read_text().splitlines()[:kept]))
-        code, resumed = run(tiny_chat_model, cut, rows, "--batch-size", "2", "--ignore-eos")
+        code, resumed = run(tiny_chat_model, cut, rows, "--batch-size", "2", "--ignore-eos",
+                            "--refill", "on")
         assert code == 0 and f"resuming: {kept} of 14" in capsys.readouterr().err
         assert sorted(map(json.dumps, read(resumed))) == sorted(map(json.dumps, reference))
         report = json.loads((cut / "report.json").read_text())
@@ -137,6 +138,15 @@ def test_bad_input_is_one_line_error(tiny_chat_model, tmp_path, capsys, rows, me
     assert code == 1
     assert err.startswith("flexalisa: error:") and message in err and "\n" not in err
     assert not out.exists()  # nothing generated, nothing lost
+
+
+def test_refill_on_with_sparsity_or_a_placement_is_a_one_line_error(tiny_chat_model, tmp_path,
+                                                                    capsys):
+    for extra in (["--sparsity", "0.5"], ["--gpu-mem", "1GB"]):
+        code, out = run(tiny_chat_model, tmp_path, PROMPTS[:2], "--refill", "on", *extra)
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and not out.exists() and "\n" not in err
+        assert err.startswith("flexalisa: error:") and "needs the all-on-device engine" in err
 
 
 def test_chat_flag_without_template_is_an_error(tiny_chat_model, tmp_path, capsys):

@@ -144,13 +144,33 @@ def test_random_queues_refill_without_running_out_of_room(engine, seed):
         assert got.tokens[i] == alone.tokens[0], f"prompt {i}"
 
 
-def test_jobs_refill_only_on_a_cuda_engine_with_no_placement(engine):
-    from flexalisa.api import refills
-    from flexalisa.placement import PlacementRequest
+def test_rows_are_refilled_on_cuda_by_default_and_where_asked(tiny_chat_model, engine):
+    from flexalisa import LLM
+    from flexalisa.errors import FlexalisaError
 
     on_cuda = Engine.__new__(Engine)  # only its device is read
     on_cuda.device = torch.device("cuda")
-    assert refills(on_cuda, PlacementRequest())
-    assert not refills(on_cuda, PlacementRequest(gpu_mem="16GB"))  # a budget plans fixed batches
-    assert not refills(engine, PlacementRequest())  # on the CPU
-    assert not refills(object(), PlacementRequest())  # the offloading runner
+    default, on, off = (LLM(tiny_chat_model, refill=r) for r in (None, True, False))
+    assert default.refills(on_cuda) and not default.refills(engine)  # engine: on the CPU
+    assert on.refills(on_cuda) and on.refills(engine)
+    assert not off.refills(on_cuda) and not off.refills(engine)
+    assert not on.refills(object())  # the offloading runner
+    sparse = LLM(tiny_chat_model, sparsity=0.5)
+    assert not sparse.refills(on_cuda)  # a method runs consecutive batches
+    for bad in ({"sparsity": 0.5}, {"gpu_mem": "1GB"}, {"auto_policy": True}):
+        with pytest.raises(FlexalisaError, match="needs the all-on-device engine"):
+            LLM(tiny_chat_model, refill=True, **bad)
+
+
+def test_llm_generate_refilled_gives_the_fixed_batches_completions(tiny_chat_model):
+    from flexalisa import LLM
+
+    prompts = [f"Entry {i}: the value is" for i in range(7)]
+    limits = [2, 9, 4, 9, 1, 6, 3]
+    fixed = LLM(tiny_chat_model, batch_size=2, refill=False)
+    refilled = LLM(tiny_chat_model, batch_size=2, refill=True)
+    want = fixed.generate(prompts, limits, ignore_eos=True)
+    got = refilled.generate(prompts, limits, ignore_eos=True)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [len(c.token_ids) for c in got] == limits
+    assert refilled.stats.num_prompts == fixed.stats.num_prompts == 7
