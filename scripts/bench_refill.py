@@ -16,7 +16,8 @@ are sorted by length, as `flexalisa generate` sorts a job:
 - fixed: consecutive batches of `--batch` prompts, each until its last row ends; rows that
   end leave the batch;
 - refilled: one `Engine.generate` call with `max_batch=--batch`, the longest prompts first;
-  waiting prompts take the place of rows that end (what jobs do on CUDA, `api.refills`).
+  waiting prompts take the place of rows that end (what jobs do on CUDA or with
+  `--refill on`: `LLM.refilling`).
 
 One warm-up of each, then `--repeat` timed runs, alternating. Prints one JSON line with each
 side's median wall time and tokens/s (generated tokens over the wall time of the whole run),

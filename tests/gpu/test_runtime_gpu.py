@@ -63,7 +63,7 @@ def test_cuda_dense_parity_tiny(tiny_models, placement, cpu_attention):
 
 
 def test_cuda_engine_refills_rows_as_fixed_batches_generate(tiny_models):
-    """Jobs refill finished rows on CUDA (``api.refills``): the same tokens as fixed batches."""
+    """Jobs refill finished rows on CUDA (``LLM.refilling``): the same tokens as fixed batches."""
     engine = Engine(load_model(tiny_models["llama"][0])[0], device="cuda", dtype=torch.float32)
     prompts, limits = make_prompts(9, 16, seed=4), [12, 3, 1, 9, 12, 5, 2, 12, 7]
     want = [t for s in range(0, 9, 3)
