@@ -78,15 +78,19 @@ class KVCache:
         self.valid[rows] = False
         self.valid[rows, start:self.length] = other.valid[:, :span]
 
+    def first_held(self) -> int:
+        """The first slot any row holds (`valid`); `length` when none does."""
+        held = self.valid[:, :self.length].any(dim=0).nonzero()
+        return int(held[0]) if len(held) else self.length
+
     def shift(self, delta: int) -> None:
         """Move every row's filled slots by `delta` (negative: towards slot 0), e.g. to drop
         slots that only padding holds or to make room on the left for a longer prompt.
 
-        The span moved is [first, length), where `first` is the first slot any row holds;
-        positions (RoPE) are the rows' own and do not change. Costs one copy of the span.
+        The span moved is [first_held(), length); positions (RoPE) are the rows' own and do
+        not change. Costs one copy of the span.
         """
-        held = self.valid[:, :self.length].any(dim=0).nonzero()
-        first = int(held[0]) if len(held) else self.length
+        first = self.first_held()
         lo, hi = first + delta, self.length + delta
         if lo < 0 or hi > self.max_len:
             raise ValueError(f"cannot shift slots [{first}, {self.length}) by {delta} within "

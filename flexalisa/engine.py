@@ -329,8 +329,7 @@ class Engine:
         fresh = KVCache(self.spec, len(prompts), ids.shape[1], self.device, self.dtype)
         logits = self.prefill(fresh, ids, valid)
         rows = torch.tensor(cache_rows, device=self.device)
-        held = cache.valid[:, :cache.length].any(dim=0).nonzero()
-        first = int(held[0]) if len(held) else cache.length
+        first = cache.first_held()
         span = cache.length - first  # the slots live rows hold
         if (fresh.length > cache.length or cache.length + max_new > cache.max_len
                 or first > span):
