@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from flexalisa.attention import native
 from flexalisa.errors import FlexalisaError
 from flexalisa.models.weights import ModelWeights
 from flexalisa.report import RunStats, summarize_runs, timing_stats
@@ -96,4 +97,5 @@ def run_bench(cfg: BenchConfig, generator) -> dict:
     result["model_name"] = spec.name
     result.update(summarize_runs(runs))
     result["extras"] = res.extras
+    result["decode_attention"] = native.describe(cfg.device)
     return result

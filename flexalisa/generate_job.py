@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flexalisa.api import LLM, check_stops
-from flexalisa.attention import SparsityMethod
+from flexalisa.attention import SparsityMethod, native
 from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import (
     append_results,
@@ -112,7 +112,8 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     print(stats.summary_line(), file=sys.stderr)
     report = {"command": command, "model": llm.weights.spec.name, "device": cfg.device,
               "ids_already_done": skipped, "batch_size": choice.size,
-              "batch_size_source": choice.reason, "stats": stats.to_dict(),
+              "batch_size_source": choice.reason,
+              "decode_attention": native.describe(cfg.device), "stats": stats.to_dict(),
               **runtime_sections(stats.extras.get("runtime"), policy, prediction,
                                  stats.total_tok_s)}
     write_report(cfg.output.resolve().parent, report)

@@ -90,7 +90,7 @@ def render_markdown(report: dict) -> str:
     stats = report.get("stats", {})
     lines = ["# flexalisa run report", ""]
     for key in ("model", "device", "command", "ids_already_done", "batch_size",
-                "batch_size_source"):
+                "batch_size_source", "decode_attention"):
         if key in report:
             lines.append(f"- **{key}**: `{report[key]}`")
     lines += ["", "| metric | value |", "|---|---|"]

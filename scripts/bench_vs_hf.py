@@ -18,6 +18,7 @@ import sys
 import torch
 
 from cost_model.profiling import cpu_description
+from flexalisa.attention import native
 from flexalisa.bench import run_timings, summarize_timings, synthetic_prompts
 from flexalisa.engine import Engine
 from flexalisa.models import default_model_path, load_model
@@ -49,6 +50,7 @@ def compare(model_path, batch: int, prompt_len: int, gen_len: int, repeat: int) 
         "ratio_total": ours_s["total_tok_s"] / hf_s["total_tok_s"],
         "ratio_prefill": ours_s["prefill_tok_s"] / hf_s["prefill_tok_s"],
         "ratio_decode": ours_s["decode_tok_s"] / hf_s["decode_tok_s"],
+        "decode_attention": native.describe("cpu"),
         "gemm_peak_gflops": peak / 1e9,
         "roofline_fraction_flexalisa": flops / ours_s["elapsed_s"] / peak,
         "roofline_fraction_hf": flops / hf_s["elapsed_s"] / peak,

@@ -1,0 +1,142 @@
+"""A compiled one-query attention kernel for fp32 on the CPU (`csrc/decode_attention.c`).
+
+torch's fused SDPA spends most of a decode step's attention on per-(row, head) overhead: at
+SmolLM2's shapes (batch 32, 3 KV heads of 3 query heads each, 64 dims, ~160 slots) its 30 calls
+took ~30 ms a step here, where reading the keys and values takes under 10. The C kernel reads
+each key and value row once for the query heads that share it, keeps a unit's queries and
+accumulators in vector registers, and splits the (row, KV head) units over torch's own OpenMP
+threads.
+
+The kernel is compiled once per machine with the system C compiler (`$CC`, else `cc`) at
+`-O3 -march=native`, into `$XDG_CACHE_HOME/flexalisa` (else `~/.cache/flexalisa`), named by a
+hash of the source, the compiler's version and the CPU's flags. Where there is no compiler, the
+build fails, or `FLEXALISA_NATIVE=0` is set, `decode_attention` returns None and callers use
+SDPA: the same attention, with other last bits. `status()` says which, and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+MAX_GROUP = 8  # query heads per KV head the kernel is specialised for (flexalisa_max_group)
+HEAD_DIMS = (32, 64, 128)  # head dims it is specialised for (flexalisa_supports_head_dim)
+BUILD_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    available: bool  # the kernel is loaded and `decode_attention` uses it
+    reason: str  # why not, or the library's path
+
+
+def status() -> NativeStatus:
+    lib, reason = _build()
+    return NativeStatus(lib is not None, reason)
+
+
+def describe(device: str) -> str:
+    """What runs one-query fp32 attention on `device`, for reports: the kernel or SDPA."""
+    if torch.device(device).type != "cpu":
+        return "sdpa"
+    lib, reason = _build()
+    return "native" if lib is not None else f"sdpa ({reason})"
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
+    """Softmax attention of one query per row, or None where the kernel does not apply.
+
+    q (B, Hkv, G, D): the G query heads sharing each KV head; k, v (B, Hkv, S, D), any strides
+    with unit stride in D; mask (B, S) bool, every row with at least one True. Returns
+    (B, Hkv, G, D) in q's dtype. None (the caller's cue to use SDPA) unless every tensor is fp32
+    on the CPU, D is one of `HEAD_DIMS`, G <= `MAX_GROUP`, and the kernel is built.
+    """
+    batch, num_kv_heads, group, head_dim = q.shape
+    if not (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
+            and v.dtype == torch.float32 and mask.dtype == torch.bool
+            and head_dim in HEAD_DIMS and 1 <= group <= MAX_GROUP
+            and k.shape[:2] == v.shape[:2] == (batch, num_kv_heads)
+            and k.shape[2] == v.shape[2] == mask.shape[1] and mask.shape[0] == batch
+            and k.shape[3] == v.shape[3] == head_dim and k.stride(3) == 1 and v.stride(3) == 1
+            and mask.stride(1) == 1 and k.shape[2] > 0):
+        return None
+    lib = _build()[0]
+    if lib is None:
+        return None
+    q = q.contiguous()
+    num_slots = k.shape[2]
+    threads = max(1, torch.get_num_threads())
+    out = torch.empty_like(q)
+    scratch = torch.empty(threads * group * num_slots, dtype=torch.float32)
+    rc = lib.flexalisa_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+        batch, num_kv_heads, group, head_dim, num_slots,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), head_dim ** -0.5, threads, scratch.data_ptr())
+    assert rc == 0, f"native decode attention refused shape {tuple(q.shape)}"
+    return out
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "flexalisa"
+
+
+@functools.lru_cache(maxsize=1)
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """Compile (once per source, compiler and CPU) and load the kernel; (None, why) if not."""
+    if os.environ.get("FLEXALISA_NATIVE", "1") == "0":
+        return None, "disabled by FLEXALISA_NATIVE=0"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()
+                             + platform.machine().encode()).hexdigest()[:16]
+        target = cache_dir() / f"decode_attention-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                cmd = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
+                       "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
+                res = subprocess.run(cmd, capture_output=True, text=True,
+                                     timeout=BUILD_TIMEOUT_S)
+                if res.returncode != 0:
+                    return None, f"build failed: {' '.join(cmd)}: {res.stderr.strip()[:500]}"
+                os.replace(built, target)  # atomic: a concurrent build finds one whole file
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"build or load failed: {exc}"
+    fn = lib.flexalisa_decode_attention
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr] * 5 + [i64] * 12 + [ctypes.c_float, ctypes.c_int, ptr]
+    fn.restype = ctypes.c_int
+    if lib.flexalisa_max_group() != MAX_GROUP or not all(
+            lib.flexalisa_supports_head_dim(d) for d in HEAD_DIMS):
+        return None, f"{target} does not match this module's shapes"
+    return lib, str(target)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,165 @@
+"""The compiled one-query attention kernel (`flexalisa.attention.native`) against float64
+softmax attention, its build and its fallbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexalisa.attention import dense_attention, native
+from flexalisa.cli import main
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture
+def rebuild():
+    """Clears the memoised build before and after, so a test's environment takes effect."""
+    native._build.cache_clear()
+    yield
+    native._build.cache_clear()
+
+
+def compiler_present() -> bool:
+    return shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+def reference(q, k, v, mask):
+    """float64 softmax attention: q (B, Hkv, G, D), k/v (B, Hkv, S, D), mask (B, S)."""
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~mask[:, None, None], -math.inf)
+    return (torch.softmax(scores, dim=-1) @ v.double()).float()
+
+
+def make_case(seed: int, batch: int, num_kv_heads: int, group: int, head_dim: int,
+              num_slots: int, spare: int, pad: int, scale: float = 1.0):
+    """q and views k, v of a cache with `spare` unused slots; row 0 left-padded by `pad`."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_kv_heads, group, head_dim, generator=gen) * scale
+    cache_k = torch.randn(batch, num_kv_heads, num_slots + spare, head_dim, generator=gen)
+    cache_v = torch.randn(batch, num_kv_heads, num_slots + spare, head_dim, generator=gen)
+    valid = torch.ones(batch, num_slots + spare, dtype=torch.bool)
+    valid[0, :min(pad, num_slots - 1)] = False
+    return q, cache_k[:, :, :num_slots], cache_v[:, :, :num_slots], valid[:, :num_slots]
+
+
+def test_the_kernel_builds_wherever_there_is_a_compiler() -> None:
+    """A machine with a C compiler must run the kernel; a broken build may not pass unseen."""
+    if not compiler_present():
+        pytest.skip("no C compiler: SDPA is used, as tested below")
+    assert native.status().available, native.status().reason
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4), num_kv_heads=st.integers(1, 4),
+       group=st.integers(1, native.MAX_GROUP), head_dim=st.sampled_from(native.HEAD_DIMS),
+       num_slots=st.integers(1, 70), spare=st.integers(0, 9), pad=st.integers(0, 20))
+def test_matches_float64_attention(seed, batch, num_kv_heads, group, head_dim, num_slots,
+                                   spare, pad) -> None:
+    """Any group size and head dim it is built for, any slot count (vector blocks and a
+    tail), cache views with spare slots, left padding."""
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    q, k, v, mask = make_case(seed, batch, num_kv_heads, group, head_dim, num_slots, spare, pad)
+    out = native.decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, reference(q, k, v, mask), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_split_the_units_exactly(threads: int) -> None:
+    """Each OpenMP thread has its own scratch: the result does not depend on the count."""
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    q, k, v, mask = make_case(1, 5, 3, 3, 64, 150, 7, 11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.decode_attention(q, k, v, mask)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, reference(q, k, v, mask), atol=2e-6, rtol=1e-5)
+
+
+def test_peaked_scores_underflow_to_zero_like_softmax() -> None:
+    """Scores 100s apart: the exp of the far ones underflows to 0, as in float64."""
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    q, k, v, mask = make_case(2, 2, 2, 4, 64, 40, 0, 5, scale=40.0)
+    out = native.decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["head_dim", "group", "dtype", "mask_stride"])
+def test_shapes_it_is_not_built_for_return_none(change: str) -> None:
+    q, k, v, mask = make_case(3, 2, 2, 3, 64, 20, 0, 0)
+    if change == "head_dim":
+        q, k, v = q[..., :48], k[..., :48], v[..., :48]
+    elif change == "group":
+        q = torch.randn(2, 2, native.MAX_GROUP + 1, 64)
+    elif change == "dtype":
+        q, k, v = q.double(), k.double(), v.double()
+    else:
+        mask = torch.ones(20, 2, dtype=torch.bool).t()  # (B, S) with stride 2 along S
+    assert native.decode_attention(q, k, v, mask) is None
+
+
+def test_disabled_by_the_environment(monkeypatch, rebuild) -> None:
+    """FLEXALISA_NATIVE=0: no kernel, and dense attention (SDPA) gives the same result."""
+    q, k, v, mask = make_case(4, 3, 3, 3, 64, 33, 4, 6)
+    monkeypatch.setenv("FLEXALISA_NATIVE", "0")
+    assert native.status() == native.NativeStatus(False, "disabled by FLEXALISA_NATIVE=0")
+    assert native.decode_attention(q, k, v, mask) is None
+    out = dense_attention(q.reshape(3, 9, 1, 64), k, v, mask[:, None])  # (B, Hq, 1, D)
+    torch.testing.assert_close(out.view(3, 3, 3, 64), reference(q, k, v, mask),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path,
+                                                           rebuild) -> None:
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no space' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    got = native.status()
+    assert not got.available
+    assert got.reason.startswith("build failed") and "no space" in got.reason
+    q, k, v, mask = make_case(5, 2, 1, 2, 32, 9, 0, 0)
+    assert native.decode_attention(q, k, v, mask) is None
+
+
+def test_no_compiler_falls_back(monkeypatch, rebuild) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-flexalisa")
+    assert native.status() == native.NativeStatus(
+        False, "no C compiler ('no-such-compiler-flexalisa' not on PATH)")
+
+
+def test_builds_into_a_fresh_cache_once(monkeypatch, tmp_path, rebuild) -> None:
+    """The first use compiles into the cache directory; the next process loads that file."""
+    if not compiler_present():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    got = native.status()
+    assert got.available, got.reason
+    built = list((tmp_path / "flexalisa").glob("decode_attention-*.so"))
+    assert [str(p) for p in built] == [got.reason]
+    mtime = built[0].stat().st_mtime_ns
+    native._build.cache_clear()
+    assert native.status() == got
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_the_job_report_says_which_attention_ran(tiny_chat_model, tmp_path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "The name of the module"}])
+    assert main(["generate", "--model", str(tiny_chat_model), "--input", str(inp),
+                 "--output", str(tmp_path / "out.jsonl"), "--gen-len", "3"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    want = "native" if native.status().available else f"sdpa ({native.status().reason})"
+    assert report["decode_attention"] == want
+    assert f"- **decode_attention**: `{want}`" in (tmp_path / "report.md").read_text()
