@@ -272,16 +272,14 @@ class LLM:
         self.stats = RunStats()
         out: list[Completion | None] = [None] * len(prompts)
         bar = _progress_bar(sum(limits)) if progress else None
-        size = self.effective_batch_size
-        refill = self.refills(generator)  # then the whole call, `size` rows at once
+        batches, max_batch = self.plan_runs(generator, token_lists)
         try:
-            for batch in plan_batches(prompts, [len(t) for t in token_lists],
-                                      len(prompts) if refill else size, longest_first=refill):
+            for batch in batches:
                 done = self.run_batch(generator, [token_lists[i] for i in batch],
                                       [limits[i] for i in batch], [json.dumps(i) for i in batch],
                                       [params[i] for i in batch], ignore_eos,
                                       bar.update if bar else None,
-                                      [stops] * len(batch), size if refill else None)
+                                      [stops] * len(batch), max_batch)
                 for i, completion in zip(batch, done):
                     out[i] = completion
         finally:
@@ -350,6 +348,23 @@ class LLM:
         if self.refill is False or self.method is not None or self.placement.offload:
             return False
         return bool(self.refill) or device.type == "cuda"
+
+    def plan_runs(self, generator, token_lists: list[list[int]],
+                  refill_group: int | None = None) -> tuple[list[list[int]], int | None]:
+        """The prompt indices of each ``run_batch`` call, and the ``max_batch`` it passes.
+
+        In fixed batches: ``effective_batch_size`` prompts per call, by token length, and None.
+        Where the Engine refills rows (``refills``): the prompts of ``refill_group`` such
+        batches per call (None: every prompt in one call), longest first, and
+        ``effective_batch_size`` rows at once.
+        """
+        size = self.effective_batch_size
+        refill = self.refills(generator)
+        per_call = size if not refill else (
+            max(len(token_lists), 1) if refill_group is None else size * refill_group)
+        batches = list(plan_batches(token_lists, [len(t) for t in token_lists], per_call,
+                                    longest_first=refill))
+        return batches, size if refill else None
 
     def refills(self, generator) -> bool:
         """``refilling`` for the generator ``prepare`` made (the Engine, or not)."""

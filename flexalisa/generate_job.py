@@ -16,7 +16,6 @@ from flexalisa.errors import FlexalisaError, JobInputError
 from flexalisa.jobs import (
     append_results,
     check_writable,
-    plan_batches,
     read_prompts,
     repair_and_read_done,
 )
@@ -73,10 +72,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
     # the Engine refills finished rows from the rest of a group of REFILL_GROUP batches; the
     # group is the unit of output and of resume (a group is rerun whole, so that its rows see
     # the same batches as in an uninterrupted run)
-    refill = llm.refills(engine)
-    batches = list(plan_batches(records, [len(t) for t in token_lists],
-                                choice.size * (REFILL_GROUP if refill else 1),
-                                longest_first=refill))
+    batches, max_batch = llm.plan_runs(engine, token_lists, REFILL_GROUP)
     pending = [b for b in batches if any(records[i].key not in done for i in b)]
     budget = sum(limits[i] for b in pending for i in b)
     skipped = sum(1 for r in records if r.key in done)
@@ -98,7 +94,7 @@ def run_generate(cfg: GenerateConfig, command: str = "") -> RunStats:
                     [records[i].sampling_params(cfg.sampling) for i in batch], cfg.ignore_eos,
                     bar.update,
                     [cfg.stop if records[i].stop is None else records[i].stop for i in batch],
-                    choice.size if refill else None)
+                    max_batch)
                 # rows already done were recomputed only so their batch-mates see the same batch
                 append_results(cfg.output, [
                     {"id": records[i].id, "text": c.text, "prompt_tokens": c.prompt_tokens,
