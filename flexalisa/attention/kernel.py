@@ -14,6 +14,10 @@ CPU-tier tokens (FlexGen's CPU delegation, made exact). A part with no valid key
 
 Grouped-query attention is handled without repeating K/V: the ``G = Hq / Hkv`` query heads that
 share one KV head are folded into the row dimension of one matmul.
+
+One query per head (a decode step, T = 1) in fp32 on the CPU goes to the compiled kernel of
+`flexalisa.attention.native` where it is built, for every function here but `attention_probs`:
+the same folding, out, lse and weights in one pass, other last bits than torch's ops.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def partial_attention(
     mask: bool, True = may attend, (B, T, S) or (B, Hkv|1, T, S); None = all keys.
     Returns out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) in float32.
     """
+    fast = _one_query_native(q, k, v, mask, scale, with_probs=False)
+    if fast is not None:
+        return fast[0], fast[1]
     out, lse, _ = partial_attention_probs(q, k, v, mask, scale)
     return out, lse
 
@@ -67,6 +74,9 @@ def partial_attention_probs(
         out = q.new_zeros(q.shape)
         lse = torch.full((batch, num_heads, num_q), -math.inf, device=q.device)
         return out, lse, torch.zeros(batch, num_heads, num_q, 0, device=q.device)
+    fast = _one_query_native(q, k, v, mask, scale, with_probs=True)
+    if fast is not None:
+        return fast
 
     qg = q.reshape(batch, num_kv_heads, group * num_q, head_dim)  # (B, Hkv, G*T, D)
     scores = _scaled_scores(qg, k, scale)  # (B, Hkv, G*T, S), a new tensor
@@ -93,12 +103,38 @@ def attention_with_probs(
     merge: one softmax (``attention_probs``) and one matmul, about half the time of
     ``partial_attention_probs``'s explicit max / exp / sum / log for one decode query here.
     Shapes and masks as ``partial_attention``; a row with no valid key gets zero output."""
+    fast = _one_query_native(q, k, v, mask, scale, with_lse=False, with_probs=True)
+    if fast is not None:
+        return fast[0], fast[2]
     batch, num_heads, num_q, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
     probs = attention_probs(q, k, mask, scale)  # (B, Hq, T, S)
     grouped = probs.view(batch, num_kv_heads, num_heads // num_kv_heads * num_q, num_keys)
     out = torch.matmul(grouped.to(v.dtype), v)  # (B, Hkv, G*T, D)
     return out.view(batch, num_heads, num_q, head_dim), probs
+
+
+def _one_query_native(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                      scale: float | None, with_lse: bool = True, with_probs: bool = True
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """One query per head (T = 1) through `native.decode_attention`, in this module's shapes:
+    out (B, Hq, 1, D), lse (B, Hq, 1) and probs (B, Hq, 1, S) where asked; masks as
+    ``partial_attention`` takes them. None where the kernel does not apply (the caller then
+    computes the same attention with torch)."""
+    batch, num_heads, num_q, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    if num_q != 1 or num_heads % num_kv_heads or (mask is not None and mask.dim() not in (3, 4)):
+        return None
+    if mask is not None:  # (B, 1, S), or (B, Hkv|1, S) from (B, Hkv|1, 1, S)
+        mask = mask[:, 0] if mask.dim() == 3 else mask[:, :, 0]
+    folded = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    res = native.decode_attention(folded, k, v, mask, scale, with_lse, with_probs)
+    if res is None:
+        return None
+    out, lse, probs = res
+    return (out.view(batch, num_heads, 1, head_dim),
+            None if lse is None else lse.view(batch, num_heads, 1),
+            None if probs is None else probs.view(batch, num_heads, 1, num_keys))
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -116,11 +152,9 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """
     batch, num_heads, num_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    if num_q == 1 and mask.dim() == 3:  # fp32 on the CPU: the compiled kernel, where built
-        folded = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        out = native.decode_attention(folded, k, v, mask[:, 0])
-        if out is not None:
-            return out.view(batch, num_heads, 1, head_dim)
+    fast = _one_query_native(q, k, v, mask, None, with_lse=False, with_probs=False)
+    if fast is not None:  # fp32 on the CPU: the compiled kernel, where built
+        return fast[0]
     if num_q == 1 and num_heads != num_kv_heads:
         folded = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask[:, None])

@@ -55,38 +55,58 @@ def describe(device: str) -> str:
     return "native" if lib is not None else f"sdpa ({reason})"
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
-    """Softmax attention of one query per row, or None where the kernel does not apply.
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                     scale: float | None = None, with_lse: bool = False,
+                     with_probs: bool = False
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """Softmax attention of one query per head, or None where the kernel does not apply.
 
     q (B, Hkv, G, D): the G query heads sharing each KV head; k, v (B, Hkv, S, D), any strides
-    with unit stride in D; mask (B, S) bool, every row with at least one True. Returns
-    (B, Hkv, G, D) in q's dtype. None (the caller's cue to use SDPA) unless every tensor is fp32
-    on the CPU, D is one of `HEAD_DIMS`, G <= `MAX_GROUP`, and the kernel is built.
+    with unit stride in D; mask bool, True = may attend, (B, S) or (B, Hkv|1, S) with unit
+    stride in S, or None for every slot; scale defaults to D ** -0.5. Returns out
+    (B, Hkv, G, D), and where asked the log-sum-exp of the scaled scores (B, Hkv, G) and the
+    softmax weights (B, Hkv, G, S); a row with no valid slot gets zeros and an lse of -inf.
+    None (the caller's cue to use torch) unless every tensor is fp32 on the CPU, D is one of
+    `HEAD_DIMS`, G <= `MAX_GROUP`, S > 0, and the kernel is built.
     """
     batch, num_kv_heads, group, head_dim = q.shape
-    if not (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
-            and v.dtype == torch.float32 and mask.dtype == torch.bool
-            and head_dim in HEAD_DIMS and 1 <= group <= MAX_GROUP
-            and k.shape[:2] == v.shape[:2] == (batch, num_kv_heads)
-            and k.shape[2] == v.shape[2] == mask.shape[1] and mask.shape[0] == batch
-            and k.shape[3] == v.shape[3] == head_dim and k.stride(3) == 1 and v.stride(3) == 1
-            and mask.stride(1) == 1 and k.shape[2] > 0):
+    num_slots = k.shape[2]
+    if mask is not None and mask.dim() == 2:
+        mask = mask[:, None]  # (B, 1, S): shared by the heads
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and head_dim in HEAD_DIMS and 1 <= group <= MAX_GROUP and num_slots > 0
+            and k.shape == v.shape == (batch, num_kv_heads, num_slots, head_dim)
+            and k.stride(3) == 1 and v.stride(3) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 3
+                                  and mask.shape[0] == batch and mask.shape[2] == num_slots
+                                  and mask.shape[1] in (1, num_kv_heads)
+                                  and mask.stride(2) == 1))):
         return None
     lib = _build()[0]
     if lib is None:
         return None
     q = q.contiguous()
-    num_slots = k.shape[2]
     threads = max(1, torch.get_num_threads())
     out = torch.empty_like(q)
-    scratch = torch.empty(threads * group * num_slots, dtype=torch.float32)
+    lse = torch.empty(batch, num_kv_heads, group) if with_lse else None
+    probs = torch.empty(batch, num_kv_heads, group, num_slots) if with_probs else None
+    scratch = None if with_probs else torch.empty(threads * group * num_slots)
+    mask_b = mask_h = 0
+    if mask is not None:
+        mask_b = mask.stride(0)
+        mask_h = mask.stride(1) if mask.shape[1] > 1 else 0
     rc = lib.flexalisa_decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
         batch, num_kv_heads, group, head_dim, num_slots,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mask.stride(0), head_dim ** -0.5, threads, scratch.data_ptr())
+        mask_b, mask_h, head_dim ** -0.5 if scale is None else scale, threads,
+        _ptr(lse), _ptr(probs), _ptr(scratch))
     assert rc == 0, f"native decode attention refused shape {tuple(q.shape)}"
-    return out
+    return out, lse, probs
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def cache_dir() -> Path:
@@ -124,7 +144,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"build or load failed: {exc}"
     fn = lib.flexalisa_decode_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr] * 5 + [i64] * 12 + [ctypes.c_float, ctypes.c_int, ptr]
+    fn.argtypes = [ptr] * 5 + [i64] * 13 + [ctypes.c_float, ctypes.c_int, ptr, ptr, ptr]
     fn.restype = ctypes.c_int
     if lib.flexalisa_max_group() != MAX_GROUP or not all(
             lib.flexalisa_supports_head_dim(d) for d in HEAD_DIMS):

@@ -13,7 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexalisa.attention import dense_attention, native
+from flexalisa.attention import (
+    attention_with_probs,
+    dense_attention,
+    native,
+    partial_attention,
+    partial_attention_probs,
+)
 from flexalisa.cli import main
 from tests.conftest import write_jsonl
 
@@ -30,11 +36,24 @@ def compiler_present() -> bool:
     return shutil.which(os.environ.get("CC", "cc")) is not None
 
 
-def reference(q, k, v, mask):
-    """float64 softmax attention: q (B, Hkv, G, D), k/v (B, Hkv, S, D), mask (B, S)."""
+def reference_all(q, k, v, mask):
+    """float64 softmax attention, its lse and weights: q (B, Hkv, G, D), k/v (B, Hkv, S, D),
+    mask (B, S) or (B, Hkv|1, S) or None; a row with no valid slot: zeros and lse -inf."""
     scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, Hkv, G, S)
-    scores = scores.masked_fill(~mask[:, None, None], -math.inf)
-    return (torch.softmax(scores, dim=-1) @ v.double()).float()
+    if mask is not None:
+        mask = mask[:, None] if mask.dim() == 2 else mask
+        scores = scores.masked_fill(~mask[:, :, None], -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs @ v.double()).float(), lse.float(), probs.float()
+
+
+def reference(q, k, v, mask):
+    return reference_all(q, k, v, mask)[0]
+
+
+def run(q, k, v, mask):
+    return native.decode_attention(q, k, v, mask)[0]
 
 
 def make_case(seed: int, batch: int, num_kv_heads: int, group: int, head_dim: int,
@@ -67,8 +86,55 @@ def test_matches_float64_attention(seed, batch, num_kv_heads, group, head_dim, n
     if not native.status().available:
         pytest.skip(native.status().reason)
     q, k, v, mask = make_case(seed, batch, num_kv_heads, group, head_dim, num_slots, spare, pad)
-    out = native.decode_attention(q, k, v, mask)
+    out = run(q, k, v, mask)
     torch.testing.assert_close(out, reference(q, k, v, mask), atol=2e-6, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), num_kv_heads=st.integers(1, 4),
+       group=st.integers(1, native.MAX_GROUP), head_dim=st.sampled_from(native.HEAD_DIMS),
+       num_slots=st.integers(1, 40), mask_kind=st.sampled_from(["none", "shared", "per_head"]),
+       empty_row=st.booleans())
+def test_lse_and_weights_under_any_mask(seed, batch, num_kv_heads, group, head_dim, num_slots,
+                                        mask_kind, empty_row) -> None:
+    """The log-sum-exp and the softmax weights too, with no mask, one mask shared by the
+    heads, or one per KV head; a (row, head) with no valid slot: zeros and lse -inf."""
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, _ = make_case(seed, batch, num_kv_heads, group, head_dim, num_slots, 3, 0)
+    mask = None
+    if mask_kind != "none":
+        heads = 1 if mask_kind == "shared" else num_kv_heads
+        mask = torch.rand(batch, heads, num_slots + 2, generator=gen)[..., :num_slots] < 0.7
+        mask[..., -1] = True
+        if empty_row:
+            mask[0, -1] = False
+    out, lse, probs = native.decode_attention(q, k, v, mask, with_lse=True, with_probs=True)
+    want_out, want_lse, want_probs = reference_all(q, k, v, mask)
+    torch.testing.assert_close(out, want_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+
+
+def test_the_partial_attention_api_takes_the_kernel_for_one_query() -> None:
+    """partial_attention(_probs) and attention_with_probs at T = 1 return the kernel's
+    results in their own shapes (B, Hq, 1, ...), per-KV-head masks included."""
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    q, k, v, _ = make_case(6, 2, 2, 3, 64, 30, 0, 0)
+    mask = torch.rand(2, 2, 1, 30, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask[..., 0] = True
+    q_heads = q.reshape(2, 6, 1, 64)  # (B, Hq, 1, D)
+    want_out, want_lse, want_probs = reference_all(q, k, v, mask[:, :, 0])
+    out, lse, probs = partial_attention_probs(q_heads, k, v, mask)
+    torch.testing.assert_close(out, want_out.view(2, 6, 1, 64), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse.view(2, 6, 1), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(probs, want_probs.view(2, 6, 1, 30), atol=1e-6, rtol=1e-5)
+    out2, lse2 = partial_attention(q_heads, k, v, mask)
+    out3, probs3 = attention_with_probs(q_heads, k, v, mask)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    assert torch.equal(out3, out) and torch.equal(probs3, probs)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -80,7 +146,7 @@ def test_threads_split_the_units_exactly(threads: int) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = native.decode_attention(q, k, v, mask)
+        out = run(q, k, v, mask)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, reference(q, k, v, mask), atol=2e-6, rtol=1e-5)
@@ -91,13 +157,14 @@ def test_peaked_scores_underflow_to_zero_like_softmax() -> None:
     if not native.status().available:
         pytest.skip(native.status().reason)
     q, k, v, mask = make_case(2, 2, 2, 4, 64, 40, 0, 5, scale=40.0)
-    out = native.decode_attention(q, k, v, mask)
+    out = run(q, k, v, mask)
     torch.testing.assert_close(out, reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("change", ["head_dim", "group", "dtype", "mask_stride"])
 def test_shapes_it_is_not_built_for_return_none(change: str) -> None:
     q, k, v, mask = make_case(3, 2, 2, 3, 64, 20, 0, 0)
+    assert native.decode_attention(q, k, v, mask) is not None or not native.status().available
     if change == "head_dim":
         q, k, v = q[..., :48], k[..., :48], v[..., :48]
     elif change == "group":

@@ -1,19 +1,21 @@
 /* One-query (decode) attention for fp32 on the CPU, for flexalisa.attention.native.
  *
- * For each (batch row b, KV head h), the G query heads that share h attend over the S cache
- * slots of b under b's mask:
+ * For each (batch row b, KV head h), the G query heads that share h attend over the S slots
+ * given, under the mask of (b, h) (a mask may be shared by the heads, or absent: all slots):
  *
- *     out[b, h, g] = sum_s softmax_s(q[b, h, g] . k[b, h, s] * scale  |  mask[b, s]) v[b, h, s]
+ *     out[b, h, g] = sum_s softmax_s(q[b, h, g] . k[b, h, s] * scale  |  mask[b, h, s]) v[b, h, s]
  *
- * Each key and value row is read once for all G queries, from its own strides (a view of a
- * larger cache is fine). Work is split over (b, h) with OpenMP, whose runtime is torch's own
- * when loaded into a process that imported torch (same SONAME), so the threads are torch's.
- * Shapes are specialised at compile time for D = 32, 64, 128 and G = 1..8, so that a unit's
- * queries and accumulators stay in vector registers; the caller checks that the call fits.
+ * optionally with the log-sum-exp of the scaled scores (for merging partial attentions) and the
+ * softmax weights themselves (which sparsity methods score tokens by). Each key and value row
+ * is read once for all G queries, from its own strides (a view of a larger cache is fine). Work
+ * is split over (b, h) with OpenMP, whose runtime is torch's own when loaded into a process that
+ * imported torch (same SONAME), so the threads are torch's. Shapes are specialised at compile
+ * time for D = 32, 64, 128 and G = 1..8, so that a unit's queries and accumulators stay in
+ * vector registers; the caller checks that a call fits.
  *
  * Numerics: fp32 throughout; exp is the Cephes single-precision polynomial (about 1 ulp), and
  * the sums run in another order than torch's kernels, so results differ in the last bits.
- * A row with no valid slot gives zeros (callers never pass one).
+ * A row with no valid slot gives zero output and weights and a log-sum-exp of -inf.
  */
 #include <math.h>
 #include <omp.h>
@@ -63,11 +65,13 @@ static inline v16 exp16(v16 x) {
   return select16(under, splat(0.f), y * pow2n);
 }
 
-/* One (b, h) unit: G queries of NV * 16 dims; scores is scratch of G * S floats. */
+/* One (b, h) unit: G queries of NV * 16 dims; mask: S bytes or NULL (every slot); scores:
+ * G * S floats, scratch or the weights' output; lse: G floats or NULL. */
 #define DEFINE_UNIT(G, NV)                                                                    \
   static void unit_##G##_##NV(const float *q, const float *k, const float *v,                 \
                               const uint8_t *mask, float *out, int64_t S, int64_t k_stride,   \
-                              int64_t v_stride, float scale, float *scores) {                 \
+                              int64_t v_stride, float scale, float *scores, float *lse,       \
+                              int probs_wanted) {                                             \
     v16 qv[G][NV];                                                                            \
     float mx[G], total[G];                                                                    \
     for (int g = 0; g < G; ++g) {                                                             \
@@ -75,7 +79,7 @@ static inline v16 exp16(v16 x) {
       for (int i = 0; i < NV; ++i) qv[g][i] = load16(q + (g * NV + i) * 16) * scale;          \
     }                                                                                         \
     for (int64_t s = 0; s < S; ++s) {                                                         \
-      if (!mask[s]) {                                                                         \
+      if (mask && !mask[s]) {                                                                 \
         for (int g = 0; g < G; ++g) scores[g * S + s] = -INFINITY;                            \
         continue;                                                                             \
       }                                                                                       \
@@ -91,6 +95,11 @@ static inline v16 exp16(v16 x) {
     }                                                                                         \
     for (int g = 0; g < G; ++g) {                                                             \
       float *row = scores + g * S, tail = 0.f;                                                \
+      if (mx[g] == -INFINITY) { /* no valid slot */                                           \
+        memset(row, 0, sizeof(float) * S);                                                    \
+        total[g] = 0.f;                                                                       \
+        continue;                                                                             \
+      }                                                                                       \
       const v16 m = splat(mx[g]);                                                             \
       v16 sum = {0};                                                                          \
       int64_t s = 0;                                                                          \
@@ -100,7 +109,7 @@ static inline v16 exp16(v16 x) {
         sum += e;                                                                             \
       }                                                                                       \
       for (; s < S; ++s) {                                                                    \
-        row[s] = mask[s] ? expf(row[s] - mx[g]) : 0.f;                                        \
+        row[s] = (!mask || mask[s]) ? expf(row[s] - mx[g]) : 0.f;                             \
         tail += row[s];                                                                       \
       }                                                                                       \
       total[g] = hsum16(sum) + tail;                                                          \
@@ -109,7 +118,7 @@ static inline v16 exp16(v16 x) {
     for (int g = 0; g < G; ++g)                                                               \
       for (int i = 0; i < NV; ++i) acc[g][i] = (v16){0};                                      \
     for (int64_t s = 0; s < S; ++s) {                                                         \
-      if (!mask[s]) continue;                                                                 \
+      if (mask && !mask[s]) continue;                                                         \
       v16 vv[NV];                                                                             \
       for (int i = 0; i < NV; ++i) vv[i] = load16(v + s * v_stride + 16 * i);                 \
       for (int g = 0; g < G; ++g) {                                                           \
@@ -120,7 +129,14 @@ static inline v16 exp16(v16 x) {
     for (int g = 0; g < G; ++g) {                                                             \
       const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;                                \
       for (int i = 0; i < NV; ++i) store16(out + (g * NV + i) * 16, acc[g][i] * inv);         \
+      if (lse) lse[g] = total[g] > 0.f ? mx[g] + logf(total[g]) : -INFINITY;                 \
     }                                                                                         \
+    if (probs_wanted)                                                                         \
+      for (int g = 0; g < G; ++g) {                                                           \
+        const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;                              \
+        float *row = scores + g * S;                                                          \
+        for (int64_t s = 0; s < S; ++s) row[s] *= inv;                                        \
+      }                                                                                       \
   }
 
 #define DEFINE_UNITS(NV)                                                                      \
@@ -131,7 +147,7 @@ DEFINE_UNITS(4)
 DEFINE_UNITS(8)
 
 typedef void (*unit_fn)(const float *, const float *, const float *, const uint8_t *, float *,
-                        int64_t, int64_t, int64_t, float, float *);
+                        int64_t, int64_t, int64_t, float, float *, float *, int);
 
 #define UNIT_ROW(NV)                                                                          \
   {unit_1_##NV, unit_2_##NV, unit_3_##NV, unit_4_##NV,                                        \
@@ -143,13 +159,16 @@ int flexalisa_max_group(void) { return 8; }
 int flexalisa_supports_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
 /* q, out: (B, Hkv, G, D) contiguous. k, v: (B, Hkv, S, D) with unit stride in D and the
- * strides given (in floats). mask: (B, S) bytes with row stride mask_b. scores: scratch of
- * threads * G * S floats. Returns 0, or -1 for a shape outside the specialisations. */
+ * strides given (in floats). mask: (B, Hkv, S) bytes with strides mask_b, mask_h (0 where the
+ * heads share it) and unit stride in S, or NULL. lse: (B, Hkv, G) floats or NULL. probs:
+ * (B, Hkv, G, S) floats, the softmax weights, or NULL; then scratch holds threads * G * S
+ * floats. Returns 0, or -1 for a shape outside the specialisations. */
 int flexalisa_decode_attention(const float *q, const float *k, const float *v,
                                const uint8_t *mask, float *out, int64_t B, int64_t Hkv,
                                int64_t G, int64_t D, int64_t S, int64_t k_b, int64_t k_h,
                                int64_t k_s, int64_t v_b, int64_t v_h, int64_t v_s,
-                               int64_t mask_b, float scale, int threads, float *scores) {
+                               int64_t mask_b, int64_t mask_h, float scale, int threads,
+                               float *lse, float *probs, float *scratch) {
   const int row = D == 32 ? 0 : D == 64 ? 1 : D == 128 ? 2 : -1;
   if (row < 0 || G < 1 || G > 8 || threads < 1) return -1;
   const unit_fn fn = UNITS[row][G - 1];
@@ -157,8 +176,11 @@ int flexalisa_decode_attention(const float *q, const float *k, const float *v,
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t u = 0; u < units; ++u) {
     const int64_t b = u / Hkv, h = u % Hkv;
-    fn(q + u * G * D, k + b * k_b + h * k_h, v + b * v_b + h * v_h, mask + b * mask_b,
-       out + u * G * D, S, k_s, v_s, scale, scores + (int64_t)omp_get_thread_num() * G * S);
+    float *scores = probs ? probs + u * G * S
+                          : scratch + (int64_t)omp_get_thread_num() * G * S;
+    fn(q + u * G * D, k + b * k_b + h * k_h, v + b * v_b + h * v_h,
+       mask ? mask + b * mask_b + h * mask_h : NULL, out + u * G * D, S, k_s, v_s, scale,
+       scores, lse ? lse + u * G : NULL, probs != NULL);
   }
   return 0;
 }
