@@ -1,17 +1,19 @@
 """A compiled one-query attention kernel for fp32 on the CPU (`csrc/decode_attention.c`).
 
-torch's fused SDPA spends most of a decode step's attention on per-(row, head) overhead: at
+torch's fused SDPA spent most of a decode step's attention on per-(row, head) overhead: at
 SmolLM2's shapes (batch 32, 3 KV heads of 3 query heads each, 64 dims, ~160 slots) its 30 calls
-took ~30 ms a step here, where reading the keys and values takes under 10. The C kernel reads
-each key and value row once for the query heads that share it, keeps a unit's queries and
-accumulators in vector registers, and splits the (row, KV head) units over torch's own OpenMP
-threads.
+took ~30 ms a step on the AMD EPYC box, where this kernel takes ~10 (docs/performance-notes.md).
+It reads each key and value row once for the query heads that share it, keeps a unit's queries
+and accumulators in vector registers, and splits the (row, KV head) units over torch's own
+OpenMP threads. Besides the output it can return the log-sum-exp (to merge partial attentions)
+and the softmax weights (which sparsity methods score tokens by).
 
 The kernel is compiled once per machine with the system C compiler (`$CC`, else `cc`) at
 `-O3 -march=native`, into `$XDG_CACHE_HOME/flexalisa` (else `~/.cache/flexalisa`), named by a
 hash of the source, the compiler's version and the CPU's flags. Where there is no compiler, the
-build fails, or `FLEXALISA_NATIVE=0` is set, `decode_attention` returns None and callers use
-SDPA: the same attention, with other last bits. `status()` says which, and why.
+build fails, or `FLEXALISA_NATIVE=0` is set (read once per process), `decode_attention` returns
+None and its callers in `flexalisa.attention.kernel` compute the same attention with torch's ops
+(SDPA, or matmuls and a softmax), with other last bits. `status()` says which, and why.
 """
 
 from __future__ import annotations
