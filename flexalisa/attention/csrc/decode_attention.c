@@ -16,6 +16,9 @@
  * Numerics: fp32 throughout; exp is the Cephes single-precision polynomial (about 1 ulp), and
  * the sums run in another order than torch's kernels, so results differ in the last bits.
  * A row with no valid slot gives zero output and weights and a log-sum-exp of -inf.
+ *
+ * Written for GCC (vector extensions, __builtin_shuffle); any ISA GCC targets works (AVX2 runs
+ * each 16-lane vector as two). Where the build fails (e.g. clang), flexalisa uses torch's ops.
  */
 #include <math.h>
 #include <omp.h>
