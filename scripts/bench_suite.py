@@ -32,7 +32,7 @@ import torch
 
 from cost_model import HardwareProfile
 from cost_model.profiling import cpu_description
-from flexalisa.attention import make_method
+from flexalisa.attention import make_method, native
 from flexalisa.bench import run_timings, summarize_timings, synthetic_prompts
 from flexalisa.engine import Engine
 from flexalisa.errors import FlexalisaError
@@ -145,6 +145,7 @@ def alisa_vs_flexgen(weights, sizes: dict, hw: HardwareProfile) -> tuple[list[di
 def markdown(results: dict) -> str:
     lines = ["# flexalisa benchmark suite", "", f"- machine: {results['machine']}",
              f"- command: `{results['command']}`", f"- wall time: {results['wall_s']:.0f} s",
+             f"- decode attention: {results.get('decode_attention', 'not recorded')}",
              "- throughputs: FlexGen's definitions, median of the repeats (min-max)", ""]
     for section in ("dense_vs_hf", "sparse_vs_dense", "alisa_vs_flexgen"):
         rows = results.get(section, [])
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": f"{platform.machine()} {cpu_description()}, "
                                 f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                      "command": "python scripts/bench_suite.py " + " ".join(argv or sys.argv[1:]),
-                     "model": str(model_path), "gemm_peak_flops": peak}
+                     "model": str(model_path), "gemm_peak_flops": peak,
+                     "decode_attention": native.describe("cpu")}
 
     def save() -> None:  # after every section, so a failure later keeps what was measured
         results["wall_s"] = time.perf_counter() - started
