@@ -118,7 +118,12 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    """Compile (once per source, compiler and CPU) and load the kernel; (None, why) if not."""
+    """Compile (once per source, compiler and CPU) and load the kernel; (None, why) if not.
+
+    Where the cache directory cannot be written, it builds in a private temporary directory,
+    loads the library and removes the directory (the library stays mapped): every process then
+    compiles it again (~2 s), but none loads a file another user could have put there.
+    """
     if os.environ.get("FLEXALISA_NATIVE", "1") == "0":
         return None, "disabled by FLEXALISA_NATIVE=0"
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -130,18 +135,16 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()
                              + platform.machine().encode()).hexdigest()[:16]
         target = cache_dir() / f"decode_attention-{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                cmd = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
-                       "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
-                res = subprocess.run(cmd, capture_output=True, text=True,
-                                     timeout=BUILD_TIMEOUT_S)
-                if res.returncode != 0:
-                    return None, f"build failed: {' '.join(cmd)}: {res.stderr.strip()[:500]}"
-                os.replace(built, target)  # atomic: a concurrent build finds one whole file
-        lib = ctypes.CDLL(str(target))
+        try:
+            error = None if target.exists() else _compile(compiler, target)
+            lib = None if error else ctypes.CDLL(str(target))
+        except OSError:  # an unwritable cache directory
+            with tempfile.TemporaryDirectory(prefix="flexalisa-") as tmp:
+                target = Path(tmp) / target.name
+                error = _compile(compiler, target)
+                lib = None if error else ctypes.CDLL(str(target))
+        if lib is None:
+            return None, error
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"build or load failed: {exc}"
     fn = lib.flexalisa_decode_attention
@@ -152,6 +155,22 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             lib.flexalisa_supports_head_dim(d) for d in HEAD_DIMS):
         return None, f"{target} does not match this module's shapes"
     return lib, str(target)
+
+
+def _compile(compiler: str, target: Path) -> str | None:
+    """Build the kernel at `target` (through a temporary file beside it, renamed atomically,
+    so a concurrent build finds one whole file); the compiler's error, or None. OSError where
+    `target`'s directory cannot be made or written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        cmd = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
+               "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if res.returncode != 0:
+            return f"build failed: {' '.join(cmd)}: {res.stderr.strip()[:500]}"
+        os.replace(built, target)
+    return None
 
 
 def _cpu_flags() -> str:

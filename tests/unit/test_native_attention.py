@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,20 @@ def test_the_job_report_says_which_attention_ran(tiny_chat_model, tmp_path) -> N
     want = "native" if native.status().available else f"sdpa ({native.status().reason})"
     assert report["decode_attention"] == want
     assert f"- **decode_attention**: `{want}`" in (tmp_path / "report.md").read_text()
+
+
+def test_an_unwritable_cache_builds_in_a_private_temporary_directory(monkeypatch, tmp_path,
+                                                                     rebuild) -> None:
+    """The cache path is a file, so the directory cannot be made: the kernel is built in a
+    temporary directory, loaded, and the directory removed; it still computes attention."""
+    if not compiler_present():
+        pytest.skip("no C compiler")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    got = native.status()
+    assert got.available, got.reason
+    assert not got.reason.startswith(str(blocker)) and not Path(got.reason).exists()
+    q, k, v, mask = make_case(7, 2, 3, 3, 64, 25, 2, 4)
+    torch.testing.assert_close(run(q, k, v, mask), reference(q, k, v, mask),
+                               atol=2e-6, rtol=1e-5)
