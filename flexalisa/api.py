@@ -362,7 +362,7 @@ class LLM:
         refill = self.refills(generator)
         per_call = size if not refill else (
             max(len(token_lists), 1) if refill_group is None else size * refill_group)
-        batches = list(plan_batches(token_lists, [len(t) for t in token_lists], per_call,
+        batches = list(plan_batches([len(t) for t in token_lists], per_call,
                                     longest_first=refill))
         return batches, size if refill else None
 

@@ -174,14 +174,15 @@ def repair_and_read_done(path: Path) -> set[str]:
     return done
 
 
-def plan_batches(records: list, lengths: list[int], batch_size: int,
+def plan_batches(lengths: list[int], batch_size: int,
                  longest_first: bool = False) -> Iterator[list[int]]:
-    """Record indices per batch: sorted by token length (ties by input order), then chunked;
-    ``longest_first``: each chunk's indices listed from its longest prompt down (for the
-    Engine's refilling, whose waiting prompts then fit the filled slots)."""
+    """Prompt indices per batch, for prompts of these token lengths: sorted by length (ties by
+    input order), then chunked; ``longest_first``: each chunk's indices listed from its
+    longest prompt down (for the Engine's refilling, whose waiting prompts then fit the filled
+    slots)."""
     if batch_size < 1:
         raise JobInputError(f"--batch-size must be >= 1, got {batch_size}")
-    order = sorted(range(len(records)), key=lambda i: (lengths[i], i))
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         yield chunk[::-1] if longest_first else chunk

@@ -53,8 +53,8 @@ def describe(device: str) -> str:
     """What runs one-query fp32 attention on `device`, for reports: the kernel or SDPA."""
     if torch.device(device).type != "cpu":
         return "sdpa"
-    lib, reason = _build()
-    return "native" if lib is not None else f"sdpa ({reason})"
+    got = status()
+    return "native" if got.available else f"sdpa ({got.reason})"
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
