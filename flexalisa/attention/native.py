@@ -11,9 +11,10 @@ and the softmax weights (which sparsity methods score tokens by).
 The kernel is compiled once per machine with the system C compiler (`$CC`, else `cc`) at
 `-O3 -march=native`, into `$XDG_CACHE_HOME/flexalisa` (else `~/.cache/flexalisa`), named by a
 hash of the source, the compiler's version and the CPU's flags. Where there is no compiler, the
-build fails, or `FLEXALISA_NATIVE=0` is set (read once per process), `decode_attention` returns
-None and its callers in `flexalisa.attention.kernel` compute the same attention with torch's ops
-(SDPA, or matmuls and a softmax), with other last bits. `status()` says which, and why.
+build fails, or `FLEXALISA_NATIVE=0` is set (read once per process; a value other than 0 or 1
+also turns it off, with that reason), `decode_attention` returns None and its callers in
+`flexalisa.attention.kernel` compute the same attention with torch's ops (SDPA, or matmuls and
+a softmax), with other last bits. `status()` says which, and why.
 """
 
 from __future__ import annotations
@@ -124,8 +125,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     loads the library and removes the directory (the library stays mapped): every process then
     compiles it again (~2 s), but none loads a file another user could have put there.
     """
-    if os.environ.get("FLEXALISA_NATIVE", "1") == "0":
+    switch = os.environ.get("FLEXALISA_NATIVE", "1")
+    if switch == "0":
         return None, "disabled by FLEXALISA_NATIVE=0"
+    if switch != "1":  # not guessed either way: off, and the reports say why
+        return None, f"FLEXALISA_NATIVE must be 0 or 1, got {switch!r}"
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None, f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)"

@@ -188,6 +188,13 @@ def test_disabled_by_the_environment(monkeypatch, rebuild) -> None:
                                atol=2e-6, rtol=1e-5)
 
 
+def test_an_unknown_switch_value_turns_it_off_and_says_so(monkeypatch, rebuild) -> None:
+    monkeypatch.setenv("FLEXALISA_NATIVE", "false")
+    assert native.status() == native.NativeStatus(
+        False, "FLEXALISA_NATIVE must be 0 or 1, got 'false'")
+    assert native.describe("cpu") == "sdpa (FLEXALISA_NATIVE must be 0 or 1, got 'false')"
+
+
 def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path,
                                                            rebuild) -> None:
     broken = tmp_path / "cc"
