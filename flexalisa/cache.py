@@ -88,7 +88,10 @@ class KVCache:
         slots that only padding holds or to make room on the left for a longer prompt.
 
         The span moved is [first_held(), length); positions (RoPE) are the rows' own and do
-        not change. Costs one copy of the span.
+        not change. Costs one copy of the span. Slots below the new length that no write has
+        reached (a move right past the old length) are zeroed: attention reads every slot
+        below `length` under its mask, and SDPA turns a masked NaN (fresh memory) into NaN
+        output.
         """
         first = self.first_held()
         lo, hi = first + delta, self.length + delta
@@ -99,6 +102,8 @@ class KVCache:
             return
         for t in self.keys + self.values:  # through a copy: source and target overlap
             t[:, :, lo:hi] = t[:, :, first:self.length].clone()
+            if lo > self.length:  # never written: [old length, lo)
+                t[:, :, self.length:lo].zero_()
         moved = self.valid[:, first:self.length].clone()
         self.valid.fill_(False)
         self.valid[:, lo:hi] = moved

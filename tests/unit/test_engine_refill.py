@@ -60,6 +60,20 @@ def test_put_rows_right_aligns_another_caches_slots():
         cache.put_rows(torch.tensor([0]), filled_cache(1, 10, 10))
 
 
+def test_a_shift_past_the_old_length_leaves_no_unwritten_slot_below_length():
+    """Fresh cache memory can hold NaN, which SDPA turns into NaN output even where masked:
+    a move right by more than the held span must not leave [old length, new start) unwritten
+    (the CI failure of 17e5186, random queue seed 2)."""
+    cache = filled_cache(2, 24, 6)
+    for t in cache.keys + cache.values:
+        t[:, :, 6:].fill_(float("nan"))  # never written
+    cache.valid[:, :4] = False
+    cache.valid[:, 4:6] = True  # the held span is [4, 6)
+    cache.shift(10)  # to [14, 16): slots [6, 14) were never written
+    assert cache.length == 16
+    assert all(torch.isfinite(t[:, :, :cache.length]).all() for t in cache.keys + cache.values)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_models):
     return Engine(load_model(tiny_models["llama"][0])[0])
