@@ -22,9 +22,8 @@ from cost_model.costs import prefill_chunk_rows
 from flexalisa.attention import (
     MethodState,
     SparsityMethod,
-    attention_with_probs,
     dense_attention,
-    gather_kv,
+    selected_attention,
 )
 from flexalisa.cache import KVCache
 from flexalisa.errors import FlexalisaError
@@ -207,8 +206,7 @@ class Engine:
         sel = self.method.select(state, layer_idx, valid, q=q, keys=keys)
         if sel is None:
             return dense_attention(q, keys, values, valid[:, None])
-        k_sel, v_sel = gather_kv(keys, values, sel.indices)  # (B, Hkv, K, D)
-        attn, probs = attention_with_probs(q, k_sel, v_sel, sel.attention_mask)
+        attn, _, probs = selected_attention(q, keys, values, sel.indices, sel.mask)
         if self.method.needs_scores:
             self.method.observe(state, layer_idx, probs, sel)
         return attn

@@ -8,6 +8,7 @@ from flexalisa.attention.kernel import (
     merge,
     partial_attention,
     partial_attention_probs,
+    selected_attention,
 )
 from flexalisa.attention.methods import METHODS, MethodState, SparsityMethod, make_method
 from flexalisa.attention.selection import Selection
@@ -25,4 +26,5 @@ __all__ = [
     "merge",
     "partial_attention",
     "partial_attention_probs",
+    "selected_attention",
 ]

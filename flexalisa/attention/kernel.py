@@ -114,27 +114,54 @@ def attention_with_probs(
     return out.view(batch, num_heads, num_q, head_dim), probs
 
 
+def selected_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, mask: Tensor,
+                       with_lse: bool = False
+                       ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Attention of one query per head (T = 1) over the slots ``indices`` of k, v, with the
+    softmax weights a sparsity method observes, and where asked the log-sum-exp.
+
+    q (B, Hq, 1, D); k, v (B, Hkv, S, D); indices long (B, Hsel, K), Hsel in {1, Hkv}, slots
+    in [0, S) (``Selection.indices``); mask bool (B, Hsel, K), True = a real entry. Returns
+    out (B, Hq, 1, D), lse (B, Hq, 1) or None, probs (B, Hq, 1, K): what ``gather_kv`` then
+    ``attention_with_probs`` (or ``partial_attention_probs`` with ``with_lse``) give. In fp32
+    on the CPU the compiled kernel reads the selected rows where they lie, with the same sums
+    as over the gathered copy, and no copy: for SWA at 0.8 that copy took longer than the
+    attention over it. Elsewhere it gathers and calls those functions.
+    """
+    fast = _one_query_native(q, k, v, mask[:, :, None], None, with_lse=with_lse,
+                             with_probs=True, indices=indices)
+    if fast is not None:
+        return fast[0], fast[1], fast[2]
+    k_sel, v_sel = gather_kv(k, v, indices)  # (B, Hkv, K, D)
+    if with_lse:
+        return partial_attention_probs(q, k_sel, v_sel, mask[:, :, None])
+    out, probs = attention_with_probs(q, k_sel, v_sel, mask[:, :, None])
+    return out, None, probs
+
+
 def _one_query_native(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                      scale: float | None, with_lse: bool = True, with_probs: bool = True
+                      scale: float | None, with_lse: bool = True, with_probs: bool = True,
+                      indices: Tensor | None = None
                       ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """One query per head (T = 1) through `native.decode_attention`, in this module's shapes:
     out (B, Hq, 1, D), lse (B, Hq, 1) and probs (B, Hq, 1, S) where asked; masks as
-    ``partial_attention`` takes them. None where the kernel does not apply (the caller then
-    computes the same attention with torch)."""
+    ``partial_attention`` takes them; ``indices`` (B, Hsel, S) the slots of k, v attended
+    (``selected_attention``), or None for all of them. None where the kernel does not apply
+    (the caller then computes the same attention with torch)."""
     batch, num_heads, num_q, head_dim = q.shape
-    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    num_kv_heads = k.shape[1]
     if num_q != 1 or num_heads % num_kv_heads or (mask is not None and mask.dim() not in (3, 4)):
         return None
     if mask is not None:  # (B, 1, S), or (B, Hkv|1, S) from (B, Hkv|1, 1, S)
         mask = mask[:, 0] if mask.dim() == 3 else mask[:, :, 0]
     folded = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    res = native.decode_attention(folded, k, v, mask, scale, with_lse, with_probs)
+    res = native.decode_attention(folded, k, v, mask, scale, with_lse, with_probs, indices)
     if res is None:
         return None
     out, lse, probs = res
     return (out.view(batch, num_heads, 1, head_dim),
             None if lse is None else lse.view(batch, num_heads, 1),
-            None if probs is None else probs.view(batch, num_heads, 1, num_keys))
+            None if probs is None else probs.view(batch, num_heads, 1, probs.shape[-1]))
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ and fetches only the selected tokens. Engine contract, per layer ``layer_idx``::
     # each decode step, before attention; valid (B, S) covers every cached token, the new
     # token included at slot S-1 (which is always selected)
     sel = method.select(state, layer_idx, valid, q=q, keys=k)  # None = dense; q, keys optional
-    k_sel, v_sel = gather_kv(k, v, sel.indices)             # (B, Hkv, K, D)
-    out, lse, probs = partial_attention_probs(q, k_sel, v_sel, sel.attention_mask)
+    out, lse, probs = selected_attention(q, k, v, sel.indices, sel.mask, with_lse=True)
+    # (= gather_kv(k, v, sel.indices), then partial_attention_probs over the gathered K, V)
     method.observe(state, layer_idx, probs, sel)            # probs (B, Hq, 1, K)
 
 Call ``select`` then ``observe`` once per layer per decode step, in step order. ``max_len`` is

@@ -60,30 +60,34 @@ def describe(device: str) -> str:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                      scale: float | None = None, with_lse: bool = False,
-                     with_probs: bool = False
+                     with_probs: bool = False, indices: Tensor | None = None
                      ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """Softmax attention of one query per head, or None where the kernel does not apply.
 
-    q (B, Hkv, G, D): the G query heads sharing each KV head; k, v (B, Hkv, S, D), any strides
-    with unit stride in D; mask bool, True = may attend, (B, S) or (B, Hkv|1, S) with unit
-    stride in S, or None for every slot; scale defaults to D ** -0.5. Returns out
-    (B, Hkv, G, D), and where asked the log-sum-exp of the scaled scores (B, Hkv, G) and the
-    softmax weights (B, Hkv, G, S); a row with no valid slot gets zeros and an lse of -inf.
-    None (the caller's cue to use torch) unless every tensor is fp32 on the CPU, D is one of
-    `HEAD_DIMS`, G <= `MAX_GROUP`, S > 0, and the kernel is built.
+    q (B, Hkv, G, D): the G query heads sharing each KV head; k, v (B, Hkv, N, D), any strides
+    with unit stride in D. The S slots attended are k's and v's N rows (S = N), or with
+    ``indices`` (B, Hkv|1, S) int64 with unit stride in S, the rows it names, per KV head or
+    shared by them: a selection attended where it lies, the same sums as over its gathered
+    copy; an index outside [0, N) raises IndexError before anything is read. mask bool,
+    True = may attend, (B, S) or (B, Hkv|1, S) with unit stride in S, or None for every slot;
+    scale defaults to D ** -0.5. Returns out (B, Hkv, G, D), and where asked the log-sum-exp of
+    the scaled scores (B, Hkv, G) and the softmax weights (B, Hkv, G, S); a row with no valid
+    slot gets zeros and an lse of -inf. None (the caller's cue to use torch) unless every
+    tensor is fp32 on the CPU, D is one of `HEAD_DIMS`, G <= `MAX_GROUP`, S > 0, and the
+    kernel is built.
     """
     batch, num_kv_heads, group, head_dim = q.shape
-    num_slots = k.shape[2]
+    num_rows = k.shape[2]
+    num_slots = num_rows if indices is None else indices.shape[-1]
     if mask is not None and mask.dim() == 2:
         mask = mask[:, None]  # (B, 1, S): shared by the heads
     if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
             and head_dim in HEAD_DIMS and 1 <= group <= MAX_GROUP and num_slots > 0
-            and k.shape == v.shape == (batch, num_kv_heads, num_slots, head_dim)
+            and k.shape == v.shape == (batch, num_kv_heads, num_rows, head_dim)
             and k.stride(3) == 1 and v.stride(3) == 1
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 3
-                                  and mask.shape[0] == batch and mask.shape[2] == num_slots
-                                  and mask.shape[1] in (1, num_kv_heads)
-                                  and mask.stride(2) == 1))):
+            and (indices is None or _fits_heads(indices, torch.int64, batch, num_kv_heads))
+            and (mask is None or (_fits_heads(mask, torch.bool, batch, num_kv_heads)
+                                  and mask.shape[2] == num_slots))):
         return None
     lib = _build()[0]
     if lib is None:
@@ -94,18 +98,32 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     lse = torch.empty(batch, num_kv_heads, group) if with_lse else None
     probs = torch.empty(batch, num_kv_heads, group, num_slots) if with_probs else None
     scratch = None if with_probs else torch.empty(threads * group * num_slots)
-    mask_b = mask_h = 0
-    if mask is not None:
-        mask_b = mask.stride(0)
-        mask_h = mask.stride(1) if mask.shape[1] > 1 else 0
+    mask_b, mask_h = _head_strides(mask)
+    idx_b, idx_h = _head_strides(indices)
     rc = lib.flexalisa_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
         batch, num_kv_heads, group, head_dim, num_slots,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask_b, mask_h, head_dim ** -0.5 if scale is None else scale, threads,
-        _ptr(lse), _ptr(probs), _ptr(scratch))
+        _ptr(lse), _ptr(probs), _ptr(scratch), _ptr(indices), idx_b, idx_h, num_rows)
+    if rc == -2:
+        raise IndexError(f"attention indices outside the {num_rows} rows of k and v")
     assert rc == 0, f"native decode attention refused shape {tuple(q.shape)}"
     return out, lse, probs
+
+
+def _fits_heads(t: Tensor, dtype: torch.dtype, batch: int, num_kv_heads: int) -> bool:
+    """Whether t is a (B, Hkv|1, S) tensor of ``dtype`` with unit stride in S."""
+    return (t.dtype == dtype and t.dim() == 3 and t.shape[0] == batch
+            and t.shape[1] in (1, num_kv_heads) and (t.stride(2) == 1 or t.shape[2] == 1))
+
+
+def _head_strides(t: Tensor | None) -> tuple[int, int]:
+    """(batch, head) strides of a (B, Hkv|1, S) argument; a head stride of 0 where the heads
+    share it, (0, 0) for None."""
+    if t is None:
+        return 0, 0
+    return t.stride(0), t.stride(1) if t.shape[1] > 1 else 0
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -153,7 +171,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"build or load failed: {exc}"
     fn = lib.flexalisa_decode_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr] * 5 + [i64] * 13 + [ctypes.c_float, ctypes.c_int, ptr, ptr, ptr]
+    fn.argtypes = ([ptr] * 5 + [i64] * 13 + [ctypes.c_float, ctypes.c_int]
+                   + [ptr] * 4 + [i64] * 3)
     fn.restype = ctypes.c_int
     if lib.flexalisa_max_group() != MAX_GROUP or not all(
             lib.flexalisa_supports_head_dim(d) for d in HEAD_DIMS):

@@ -72,8 +72,8 @@ class FetchedKV:
     # the CPU tier hold the K, V of the CPU-tier slot nearest theirs: mask them
     host: tuple[Tensor, Tensor, Tensor] | None = None
     # True: every stored slot is in an uncompressed CPU tier, so nothing was read here: the
-    # host attends the tier in place at compute time (``store.host_dense_views`` for a dense
-    # selection, ``store.host_gather`` for a sparse one); see ``fetch_in_place``
+    # host attends the tier in place at compute time (``store.host_dense_views``, and for a
+    # sparse selection over a half-precision tier ``store.host_gather``); see ``fetch_in_place``
     in_place: bool = False
 
 

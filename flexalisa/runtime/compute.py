@@ -15,8 +15,9 @@ recompute-tier entries, when there are any: exact, and the probabilities the spa
 observes are the partials' probabilities rescaled by ``exp(lse_part - lse)``. A step over a
 store whose slots are all in the CPU tier (FlexGen's KV-on-CPU policy, ALISA's usual searched
 placement) is one host attention over the tier read in place, with nothing to merge: dense,
-the Engine's kernel over views of the ring (``store.host_dense_views``); sparse, one gather of
-the selection from the ring (``store.host_gather``).
+the Engine's kernel over views of the ring (``store.host_dense_views``); sparse, the selection
+attended in those views (``selected_attention``), or over one gather of it from the ring
+(``store.host_gather``) where the ring is in half precision.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from flexalisa.attention import (
     dense_attention,
     merge,
     partial_attention_probs,
+    selected_attention,
 )
 from flexalisa.attention.base import MethodState
 from flexalisa.attention.selection import Selection, dense_selection
@@ -191,14 +193,16 @@ def _host_in_place_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new:
     """CPU-delegated attention over a store whose slots are all in the CPU tier, read in place
     with the step's own token written at the ring's next index. Dense: the Engine's kernel
     over views of the ring, as the Engine attends its cache (on a CPU device the same fp32
-    sums), and no probabilities (a dense step feeds no scores). Sparse: one gather of the
-    selection from the ring, attended with the probabilities the method observes; the same
-    K, V and mask as the generic host read, so the same sums."""
+    sums), and no probabilities (a dense step feeds no scores). Sparse: the selection attended
+    with the probabilities the method observes, as the Engine does: over a float32 ring (a CPU
+    device) where it lies in the ring's views (``selected_attention``), else over one gather
+    of it from the ring; the same K, V and mask as the generic host read, so the same sums."""
     host, sel = torch.device("cpu"), prepared.selection
+    in_place = sel.dense or store.cpu.dtype == torch.float32
     with ctx.times.section("kv_gather"):
         check_fetched(store, prepared.old_indices, prepared.fetched, skip_cpu=True)
         k_new, v_new = k_new.to(host), v_new.to(host)
-        kv = (store.host_dense_views(k_new, v_new) if sel.dense
+        kv = (store.host_dense_views(k_new, v_new) if in_place
               else store.host_gather(sel.indices, k_new, v_new))
         if kv is None:
             raise ValueError("the store's tiers changed since its host fetch")
@@ -207,8 +211,12 @@ def _host_in_place_attention(ctx: LayerContext, q: Tensor, k_new: Tensor, v_new:
         if sel.dense:
             out = host_attention(dense_attention, host_q, kv[0], kv[1], sel.mask.to(host))
             return out.to(q.device, q.dtype), None
-        out, probs = host_attention(attention_with_probs, host_q, kv[0], kv[1],
-                                    sel.attention_mask.to(host))
+        if in_place:
+            out, _, probs = selected_attention(host_q, kv[0], kv[1], sel.indices.to(host),
+                                               sel.mask.to(host))
+        else:
+            out, probs = host_attention(attention_with_probs, host_q, kv[0], kv[1],
+                                        sel.attention_mask.to(host))
     return out.to(q.device, q.dtype), probs.to(q.device)
 
 

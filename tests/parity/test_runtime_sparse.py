@@ -75,21 +75,22 @@ def test_sparse_with_all_kv_delegated_to_the_host_matches_the_engine(tiny_weight
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 def test_in_place_host_read_equals_the_generic_host_read(tiny_weights, kind, monkeypatch):
-    """With every stored slot in the CPU tier, sparse delegated steps gather the selection from
-    the CPU ring in place (``store.host_gather``); their logits equal, bit for bit, those of
-    the generic skip_cpu fetch (tier masks, a host read ahead, the new token scattered in)
-    that the store falls back to when ``host_ready`` says no."""
+    """With every stored slot in the CPU tier, sparse delegated steps attend the selection in
+    the float32 CPU ring's views (``store.host_dense_views``, ``selected_attention``); their
+    logits equal, bit for bit, those of the generic skip_cpu fetch (tier masks, a host read
+    ahead, the new token scattered in) that the store falls back to when ``host_ready`` says
+    no."""
     weights = tiny_weights[kind]
     prompts = make_prompts(4, 20, seed=9)
     policy = make_policy("kv_all_cpu", 1, True, True, sparsity_method="swa", sparsity=0.8)
     calls = {"in_place": 0}
-    host_gather = TieredKVStore.host_gather
+    host_views = TieredKVStore.host_dense_views
 
     def counting(store, *args):
         calls["in_place"] += 1
-        return host_gather(store, *args)
+        return host_views(store, *args)
 
-    monkeypatch.setattr(TieredKVStore, "host_gather", counting)
+    monkeypatch.setattr(TieredKVStore, "host_dense_views", counting)
     runner = OffloadRunner(weights, policy, check_integrity=True)
     in_place, in_place_logits = runner_logits(runner, prompts, NEW_TOKENS)
     runner.close()

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 from flexalisa.attention import (
     attention_with_probs,
     dense_attention,
+    gather_kv,
     native,
     partial_attention,
     partial_attention_probs,
+    selected_attention,
 )
 from flexalisa.cli import main
 from tests.conftest import write_jsonl
@@ -136,6 +138,80 @@ def test_the_partial_attention_api_takes_the_kernel_for_one_query() -> None:
     out3, probs3 = attention_with_probs(q_heads, k, v, mask)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
     assert torch.equal(out3, out) and torch.equal(probs3, probs)
+
+
+def gathered(k, v, indices):
+    """k, v (B, Hkv, N, D) at indices (B, Hkv|1, S): (B, Hkv, S, D) each, by plain indexing."""
+    idx = indices.expand(-1, k.shape[1], -1)[..., None].expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, idx), v.gather(2, idx)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), num_kv_heads=st.integers(1, 4),
+       group=st.integers(1, native.MAX_GROUP), head_dim=st.sampled_from(native.HEAD_DIMS),
+       num_rows=st.integers(1, 60), num_sel=st.integers(1, 40), per_head=st.booleans(),
+       masked=st.booleans())
+def test_indexed_slots_match_float64_attention_over_the_gathered_rows(
+        seed, batch, num_kv_heads, group, head_dim, num_rows, num_sel, per_head, masked) -> None:
+    """With an index array the kernel attends the rows it names where they lie (a cache view
+    with spare slots): out, lse and weights as float64 attention over those rows gathered;
+    indices per KV head or shared, unsorted, repeated (as selection padding repeats S-1),
+    masked entries, a (row, head) with every entry masked."""
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, _ = make_case(seed, batch, num_kv_heads, group, head_dim, num_rows, 5, 0)
+    heads = num_kv_heads if per_head else 1
+    indices = torch.randint(0, num_rows, (batch, heads, num_sel), generator=gen)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, heads, num_sel, generator=gen) < 0.6
+        mask[0, 0] = False  # nothing to attend: zeros and lse -inf
+    out, lse, probs = native.decode_attention(q, k, v, mask, with_lse=True, with_probs=True,
+                                              indices=indices)
+    want_out, want_lse, want_probs = reference_all(q, *gathered(k, v, indices), mask)
+    torch.testing.assert_close(out, want_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 40])
+def test_an_index_outside_the_rows_raises_before_reading(bad: int) -> None:
+    if not native.status().available:
+        pytest.skip(native.status().reason)
+    q, k, v, _ = make_case(5, 2, 3, 3, 64, 40, 0, 0)
+    indices = torch.arange(10).expand(2, 3, 10).clone()
+    indices[1, 2, 7] = bad
+    with pytest.raises(IndexError, match="outside the 40 rows"):
+        native.decode_attention(q, k, v, None, indices=indices)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_selected_attention_is_the_gathered_attention(monkeypatch, kernel: bool,
+                                                      heads: int) -> None:
+    """selected_attention gives what gather_kv and then attention_with_probs (or
+    partial_attention_probs, with the lse) give: bit for bit where both run the kernel, and
+    through those very functions where the kernel is not there."""
+    if kernel and not native.status().available:
+        pytest.skip(native.status().reason)
+    if not kernel:
+        monkeypatch.setattr(native, "decode_attention", lambda *args, **kwargs: None)
+    q, k, v, _ = make_case(8, 3, 3, 2, 64, 50, 6, 0)
+    q_heads = q.reshape(3, 6, 1, 64)
+    gen = torch.Generator().manual_seed(2)
+    indices = torch.sort(torch.randint(0, 50, (3, heads, 12), generator=gen)).values
+    mask = torch.rand(3, heads, 12, generator=gen) < 0.8
+    k_sel, v_sel = gather_kv(k, v, indices)
+    out, lse, probs = selected_attention(q_heads, k, v, indices, mask)
+    want_out, want_probs = attention_with_probs(q_heads, k_sel, v_sel, mask[:, :, None])
+    assert lse is None and torch.equal(out, want_out) and torch.equal(probs, want_probs)
+    out, lse, probs = selected_attention(q_heads, k, v, indices, mask, with_lse=True)
+    want = partial_attention_probs(q_heads, k_sel, v_sel, mask[:, :, None])
+    assert all(torch.equal(got, w) for got, w in zip((out, lse, probs), want, strict=True))
+    ref_out, ref_lse, _ = reference_all(q, k_sel, v_sel, mask)
+    torch.testing.assert_close(out, ref_out.view(3, 6, 1, 64), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.view(3, 6, 1), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -5,7 +5,9 @@
  *
  *     out[b, h, g] = sum_s softmax_s(q[b, h, g] . k[b, h, s] * scale  |  mask[b, h, s]) v[b, h, s]
  *
- * optionally with the log-sum-exp of the scaled scores (for merging partial attentions) and the
+ * where the S slots are either the first S rows of k and v or, given an index array, the rows it
+ * names (a sparse selection attended where it lies, without a gathered copy), optionally with
+ * the log-sum-exp of the scaled scores (for merging partial attentions) and the
  * softmax weights themselves (which sparsity methods score tokens by). Each key and value row
  * is read once for all G queries, from its own strides (a view of a larger cache is fine). Work
  * is split over (b, h) with OpenMP, whose runtime is torch's own when loaded into a process that
@@ -68,13 +70,20 @@ static inline v16 exp16(v16 x) {
   return select16(under, splat(0.f), y * pow2n);
 }
 
+/* Rows named by an index array are scattered, which the hardware prefetcher cannot follow:
+ * each loop over them asks for the row PREFETCH entries ahead. */
+#define PREFETCH 8
+static inline void prefetch_row(const float *row, int nv) {
+  for (int i = 0; i < nv; ++i) __builtin_prefetch(row + 16 * i);
+}
+
 /* One (b, h) unit: G queries of NV * 16 dims; mask: S bytes or NULL (every slot); scores:
  * G * S floats, scratch or the weights' output; lse: G floats or NULL. */
 #define DEFINE_UNIT(G, NV)                                                                    \
   static void unit_##G##_##NV(const float *q, const float *k, const float *v,                 \
-                              const uint8_t *mask, float *out, int64_t S, int64_t k_stride,   \
-                              int64_t v_stride, float scale, float *scores, float *lse,       \
-                              int probs_wanted) {                                             \
+                              const uint8_t *mask, const int64_t *idx, float *out, int64_t S, \
+                              int64_t k_stride, int64_t v_stride, float scale, float *scores, \
+                              float *lse, int probs_wanted) {                                 \
     v16 qv[G][NV];                                                                            \
     float mx[G], total[G];                                                                    \
     for (int g = 0; g < G; ++g) {                                                             \
@@ -87,7 +96,9 @@ static inline v16 exp16(v16 x) {
         continue;                                                                             \
       }                                                                                       \
       v16 kv[NV];                                                                             \
-      for (int i = 0; i < NV; ++i) kv[i] = load16(k + s * k_stride + 16 * i);                 \
+      if (idx && s + PREFETCH < S) prefetch_row(k + idx[s + PREFETCH] * k_stride, NV);        \
+      const float *krow = k + (idx ? idx[s] : s) * k_stride;                                  \
+      for (int i = 0; i < NV; ++i) kv[i] = load16(krow + 16 * i);                             \
       for (int g = 0; g < G; ++g) {                                                           \
         v16 acc = qv[g][0] * kv[0];                                                           \
         for (int i = 1; i < NV; ++i) acc += qv[g][i] * kv[i];                                 \
@@ -123,7 +134,9 @@ static inline v16 exp16(v16 x) {
     for (int64_t s = 0; s < S; ++s) {                                                         \
       if (mask && !mask[s]) continue;                                                         \
       v16 vv[NV];                                                                             \
-      for (int i = 0; i < NV; ++i) vv[i] = load16(v + s * v_stride + 16 * i);                 \
+      if (idx && s + PREFETCH < S) prefetch_row(v + idx[s + PREFETCH] * v_stride, NV);        \
+      const float *vrow = v + (idx ? idx[s] : s) * v_stride;                                  \
+      for (int i = 0; i < NV; ++i) vv[i] = load16(vrow + 16 * i);                             \
       for (int g = 0; g < G; ++g) {                                                           \
         const float p = scores[g * S + s];                                                    \
         for (int i = 0; i < NV; ++i) acc[g][i] += p * vv[i];                                  \
@@ -149,8 +162,9 @@ DEFINE_UNITS(2)
 DEFINE_UNITS(4)
 DEFINE_UNITS(8)
 
-typedef void (*unit_fn)(const float *, const float *, const float *, const uint8_t *, float *,
-                        int64_t, int64_t, int64_t, float, float *, float *, int);
+typedef void (*unit_fn)(const float *, const float *, const float *, const uint8_t *,
+                        const int64_t *, float *, int64_t, int64_t, int64_t, float, float *,
+                        float *, int);
 
 #define UNIT_ROW(NV)                                                                          \
   {unit_1_##NV, unit_2_##NV, unit_3_##NV, unit_4_##NV,                                        \
@@ -161,19 +175,33 @@ static const unit_fn UNITS[3][8] = {UNIT_ROW(2), UNIT_ROW(4), UNIT_ROW(8)};
 int flexalisa_max_group(void) { return 8; }
 int flexalisa_supports_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
-/* q, out: (B, Hkv, G, D) contiguous. k, v: (B, Hkv, S, D) with unit stride in D and the
- * strides given (in floats). mask: (B, Hkv, S) bytes with strides mask_b, mask_h (0 where the
- * heads share it) and unit stride in S, or NULL. lse: (B, Hkv, G) floats or NULL. probs:
- * (B, Hkv, G, S) floats, the softmax weights, or NULL; then scratch holds threads * G * S
- * floats. Returns 0, or -1 for a shape outside the specialisations. */
+/* q, out: (B, Hkv, G, D) contiguous. k, v: (B, Hkv, N, D) with unit stride in D and the
+ * strides given (in floats). idx: NULL, then S = N and slot s of a unit is row s; or
+ * (B, Hkv, S) int64 row numbers in [0, N) with strides idx_b, idx_h (0 where the heads share
+ * them) and unit stride in S, then slot s of unit (b, h) is row idx[b, h, s] (attention over
+ * a selection without gathering it). mask: (B, Hkv, S) bytes with strides mask_b, mask_h (0
+ * where the heads share it) and unit stride in S, or NULL. lse: (B, Hkv, G) floats or NULL.
+ * probs: (B, Hkv, G, S) floats, the softmax weights, or NULL; then scratch holds
+ * threads * G * S floats. Returns 0; -1 for a shape outside the specialisations; -2 if an
+ * index lies outside [0, N) (nothing is read then). */
 int flexalisa_decode_attention(const float *q, const float *k, const float *v,
                                const uint8_t *mask, float *out, int64_t B, int64_t Hkv,
                                int64_t G, int64_t D, int64_t S, int64_t k_b, int64_t k_h,
                                int64_t k_s, int64_t v_b, int64_t v_h, int64_t v_s,
                                int64_t mask_b, int64_t mask_h, float scale, int threads,
-                               float *lse, float *probs, float *scratch) {
+                               float *lse, float *probs, float *scratch, const int64_t *idx,
+                               int64_t idx_b, int64_t idx_h, int64_t N) {
   const int row = D == 32 ? 0 : D == 64 ? 1 : D == 128 ? 2 : -1;
   if (row < 0 || G < 1 || G > 8 || threads < 1) return -1;
+  if (idx) {
+    int bad = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < (idx_h ? Hkv : 1); ++h) {
+        const int64_t *r = idx + b * idx_b + h * idx_h;
+        for (int64_t s = 0; s < S; ++s) bad |= (uint64_t)r[s] >= (uint64_t)N;
+      }
+    if (bad) return -2;
+  }
   const unit_fn fn = UNITS[row][G - 1];
   const int64_t units = B * Hkv;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -182,8 +210,8 @@ int flexalisa_decode_attention(const float *q, const float *k, const float *v,
     float *scores = probs ? probs + u * G * S
                           : scratch + (int64_t)omp_get_thread_num() * G * S;
     fn(q + u * G * D, k + b * k_b + h * k_h, v + b * v_b + h * v_h,
-       mask ? mask + b * mask_b + h * mask_h : NULL, out + u * G * D, S, k_s, v_s, scale,
-       scores, lse ? lse + u * G : NULL, probs != NULL);
+       mask ? mask + b * mask_b + h * mask_h : NULL, idx ? idx + b * idx_b + h * idx_h : NULL,
+       out + u * G * D, S, k_s, v_s, scale, scores, lse ? lse + u * G : NULL, probs != NULL);
   }
   return 0;
 }
