@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -33,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "decode_attention.c", CSRC / "swa_select.c")  # built into one library
 MAX_GROUP = 8  # query heads per KV head the kernel is specialised for (flexalisa_max_group)
 HEAD_DIMS = (32, 64, 128)  # head dims it is specialised for (flexalisa_supports_head_dim)
 BUILD_TIMEOUT_S = 120
@@ -154,9 +156,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()
-                             + platform.machine().encode()).hexdigest()[:16]
-        target = cache_dir() / f"decode_attention-{key}.so"
+        key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + version.encode()
+                             + _cpu_flags().encode() + platform.machine().encode()
+                             ).hexdigest()[:16]
+        target = cache_dir() / f"native-{key}.so"
         try:
             error = None if target.exists() else _compile(compiler, target)
             lib = None if error else ctypes.CDLL(str(target))
@@ -174,6 +177,17 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     fn.argtypes = ([ptr] * 5 + [i64] * 13 + [ctypes.c_float, ctypes.c_int]
                    + [ptr] * 4 + [i64] * 3)
     fn.restype = ctypes.c_int
+    fn = lib.flexalisa_select_top
+    fn.argtypes = [ptr] + [i64] * 5 + [ptr] * 3 + [i64, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.flexalisa_window_push
+    fn.argtypes = ([ptr] + [i64] * 3 + [ptr] + [i64] * 2 + [ptr] + [i64] * 2 + [ptr] + [i64] * 2
+                   + [ptr] + [i64] * 3 + [ptr] + [i64] * 2 + [ptr] + [i64] * 3)
+    fn.restype = ctypes.c_int
+    fn = lib.flexalisa_window_drop
+    fn.argtypes = ([ptr] * 2 + [i64] * 4 + [ptr] + [i64] * 8 + [ptr] + [i64] * 3 + [ptr]
+                   + [i64] * 4)
+    fn.restype = ctypes.c_int
     if lib.flexalisa_max_group() != MAX_GROUP or not all(
             lib.flexalisa_supports_head_dim(d) for d in HEAD_DIMS):
         return None, f"{target} does not match this module's shapes"
@@ -188,7 +202,7 @@ def _compile(compiler: str, target: Path) -> str | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         cmd = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
-               "-fno-math-errno", str(SOURCE), "-o", str(built), "-lm"]
+               "-fno-math-errno", *map(str, SOURCES), "-o", str(built), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if res.returncode != 0:
             return f"build failed: {' '.join(cmd)}: {res.stderr.strip()[:500]}"
@@ -204,3 +218,120 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def select_top(scores: Tensor, local: Tensor, candidates: Tensor, num_global: Tensor,
+               width: int) -> Tensor | None:
+    """``StepBudget.select_top``'s indices in one pass, or None where the kernel does not
+    apply: scores (..., B, Hsel, S) float64 on the CPU, rows evenly spaced with unit stride
+    in S; local, candidates (B, 1, S) bool; num_global (B, 1, 1) long; returns
+    (..., B, Hsel, width) long: per row the local slots and the num_global top-scoring
+    candidates (ties: the lower slot) ascending, then S - 1."""
+    lead, num_slots = scores.shape[:-1], scores.shape[-1]
+    row_stride = _row_stride(scores)
+    if not (scores.device.type == "cpu" and scores.dtype == torch.float64 and scores.dim() >= 3
+            and row_stride is not None and num_slots > 0
+            and local.shape == candidates.shape == (scores.shape[-3], 1, num_slots)
+            and local.dtype == candidates.dtype == torch.bool):
+        return None
+    lib = _build()[0]
+    if lib is None:
+        return None
+    local, candidates = local.contiguous(), candidates.contiguous()
+    num_global = num_global.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(*lead, width, dtype=torch.int64)
+    rc = lib.flexalisa_select_top(
+        scores.data_ptr(), math.prod(lead), lead[-1], lead[-2], num_slots, row_stride,
+        local.data_ptr(), candidates.data_ptr(), num_global.data_ptr(), width, out.data_ptr(),
+        max(1, torch.get_num_threads()))
+    if rc != 0:
+        raise ValueError(f"select_top: a row takes more than {width} slots, or more global "
+                         f"tokens than it has candidates")
+    return out
+
+
+def window_push(weights: Tensor, indices: Tensor, entry: Tensor, ring_slots: Tensor,
+                ring_weights: Tensor, totals: Tensor, live: Tensor) -> bool:
+    """``WindowScores.push`` of one decode row in one pass, for a record of one layer:
+    weights (B, Hsel, K) float32, the step's attention summed over each group's query heads;
+    indices (B, Hsel|1, K) long and entry (B, Hsel|1, K) bool, the selection; ring_slots,
+    ring_weights (B, Hsel, Kr) the ring row to fill; totals (B, Hsel, L + 1) float64 and live
+    int32, the window's sums, added to as the torch path adds. False (nothing done) where the
+    kernel does not apply."""
+    batch, num_groups, num_entries = weights.shape
+    width = ring_slots.shape[2]
+    if not (weights.device.type == "cpu" and weights.dtype == torch.float32
+            and weights.is_contiguous() and num_entries <= width
+            and _fits_heads(indices, torch.int64, batch, num_groups)
+            and _fits_heads(entry, torch.bool, batch, num_groups)
+            and indices.shape[2] == entry.shape[2] == num_entries
+            and ring_slots.dtype == torch.int64 and ring_weights.dtype == torch.float32
+            and totals.dtype == torch.float64 and live.dtype == torch.int32
+            and ring_slots.shape == ring_weights.shape == (batch, num_groups, width)
+            and totals.shape == live.shape and totals.shape[:2] == (batch, num_groups)
+            and all(t.stride(2) == 1 for t in (ring_slots, ring_weights, totals, live))):
+        return False
+    lib = _build()[0]
+    if lib is None:
+        return False
+    rc = lib.flexalisa_window_push(
+        weights.data_ptr(), batch, num_groups, num_entries,
+        indices.data_ptr(), *_head_strides(indices), entry.data_ptr(), *_head_strides(entry),
+        ring_slots.data_ptr(), ring_slots.stride(0), ring_slots.stride(1),
+        ring_weights.data_ptr(), ring_weights.stride(0), ring_weights.stride(1), width,
+        totals.data_ptr(), totals.stride(0), totals.stride(1),
+        live.data_ptr(), live.stride(0), live.stride(1), totals.shape[2] - 1)
+    if rc != 0:
+        raise IndexError(f"window_push: a selected slot outside [0, {totals.shape[2] - 1}]")
+    return True
+
+
+def window_drop(ring_slots: Tensor, ring_weights: Tensor, totals: Tensor, live: Tensor,
+                ring_rows: list[int]) -> bool:
+    """``WindowScores.trim``'s drop of one ring row per sequence, for a record of any number
+    of leading layer axes: ring_slots, ring_weights (..., B, W, Hsel, Kr); totals float64 and
+    live int32 (..., B, Hsel, L + 1); ring_rows[b] the ring row sequence b drops, or -1 for
+    none. Subtracts those rows' entries and zeroes the totals of slots left with no live entry,
+    the torch path's sums. False (nothing done) where the kernel does not apply."""
+    lead = ring_slots.shape[:-4]
+    batch, _, num_groups, width = ring_slots.shape[-4:]
+    if not (ring_slots.device.type == "cpu" and len(lead) <= 1
+            and ring_slots.dtype == torch.int64 and ring_weights.dtype == torch.float32
+            and totals.dtype == torch.float64 and live.dtype == torch.int32
+            and ring_weights.shape == ring_slots.shape and totals.shape == live.shape
+            and totals.shape[:-1] == (*lead, batch, num_groups) and len(ring_rows) == batch
+            and all(t.stride(-1) == 1 for t in (ring_slots, ring_weights, totals, live))):
+        return False
+    lib = _build()[0]
+    if lib is None:
+        return False
+
+    def strides(t: Tensor, axes: int) -> list[int]:  # (n, ...) with n's 0 without a layer axis
+        return ([t.stride(0)] if lead else [0]) + list(t.stride()[len(lead):len(lead) + axes])
+
+    rows = torch.tensor(ring_rows, dtype=torch.int64)
+    rc = lib.flexalisa_window_drop(
+        ring_slots.data_ptr(), ring_weights.data_ptr(), math.prod(lead), batch, num_groups,
+        width, rows.data_ptr(), *strides(ring_slots, 3), *strides(ring_weights, 3),
+        totals.data_ptr(), *strides(totals, 2), live.data_ptr(), *strides(live, 2),
+        totals.shape[-1] - 1)
+    if rc != 0:
+        raise IndexError(f"window_drop: a stored slot outside [0, {totals.shape[-1] - 1}]")
+    return True
+
+
+def _row_stride(t: Tensor) -> int | None:
+    """The distance between consecutive (·, S) rows of t when every row is evenly spaced
+    from the last with unit stride in S (a slice of a contiguous buffer), else None."""
+    if t.dim() < 1 or (t.stride(-1) != 1 and t.shape[-1] > 1):
+        return None
+    step, inner = None, 1
+    for size, stride in reversed(list(zip(t.shape[:-1], t.stride()[:-1], strict=True))):
+        if size == 1:
+            continue
+        if step is None:
+            step = stride
+        elif stride != step * inner:
+            return None
+        inner *= size
+    return step if step is not None else t.shape[-1]

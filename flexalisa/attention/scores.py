@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flexalisa.attention import native
 from flexalisa.attention.selection import compact
 
 Device = torch.device | str | None  # where the score tensors live (None = torch's default)
@@ -144,6 +145,24 @@ class WindowScores:
         self.window_rows = [rows + 1 for rows in self.window_rows]
         self.num_rows += 1
 
+    def push_attention(self, probs: Tensor, indices: Tensor, entry: Tensor,
+                       num_groups: int) -> None:
+        """``push`` of a decode step's row from its attention weights probs (B, Hq, 1, K) over
+        the selection indices, entry (B, 1|Hsel, K): each entry's weight is the sum over the
+        query heads of its group (``head_sum``). Into a record of one layer on the CPU, one
+        compiled pass (`native.window_push`) where it is built writes the ring row and adds
+        to the sums, the same values as ``push``; otherwise ``push``."""
+        weights = head_sum(probs.float(), num_groups)[:, :, 0]  # (B, Hsel, K)
+        if self.ring_slots.dim() == 4 and self.max_window_rows < self.capacity:
+            ring_idx = self.num_rows % self.capacity  # one layer: (B, W, Hsel, Kr)
+            if native.window_push(weights, indices, entry, self.ring_slots[:, ring_idx],
+                                  self.ring_weights[:, ring_idx], self.totals, self.live):
+                self.window_rows = [rows + 1 for rows in self.window_rows]
+                self.num_rows += 1
+                return
+        self.push(indices.expand(-1, num_groups, -1), weights,
+                  entry.expand(-1, num_groups, -1))  # also refuses a full ring
+
     def push_rows(self, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
         """``push`` of n rows at once, slots, weights, entry (B, Hsel, n, K<=Kr), oldest first,
         into a record of one layer: the same ring rows and the same sums, added in the same
@@ -179,10 +198,28 @@ class WindowScores:
         target = target.tolist() if isinstance(target, Tensor) else target
         leaving = [max(rows - keep, 0) for rows, keep in zip(self.window_rows, target,
                                                              strict=True)]
+        if any(leaving) and self._drop_native(leaving):
+            return
         for round_idx in range(max(leaving, default=0)):
             self._drop_oldest([count > round_idx for count in leaving])
         if any(leaving):  # only a subtraction leaves residue; adds land on live slots
             self.totals.masked_fill_(self.live == 0, 0.0)
+
+    def _drop_native(self, leaving: list[int]) -> bool:
+        """``trim``'s rounds through `native.window_drop` (the same sums, the zeroing per slot
+        as its count reaches 0); False, with nothing done, where it does not apply."""
+        for round_idx in range(max(leaving)):
+            rows = [count > round_idx for count in leaving]
+            ring = [(self.num_rows - count) % self.capacity if row else -1
+                    for count, row in zip(self.window_rows, rows, strict=True)]
+            if not native.window_drop(self.ring_slots, self.ring_weights, self.totals,
+                                      self.live, ring):
+                if round_idx:  # not reached: the same tensors apply in every round
+                    raise RuntimeError("window_drop applied to one round and not the next")
+                return False
+            self.window_rows = [count - row for count, row in zip(self.window_rows, rows,
+                                                                  strict=True)]
+        return True
 
     def _drop_oldest(self, rows: list[bool]) -> None:
         """Subtract each flagged sequence's oldest in-window row from ``totals`` and ``live``."""

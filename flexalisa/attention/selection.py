@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flexalisa.attention import native
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -115,8 +117,16 @@ class StepBudget:
         to the lower slot. The same Selection as a stable sort of the scores
         (tests/unit/test_attention_step_budget.py checks it), from a top-k instead: every
         score above the row's num_global-th largest is taken, and of the scores equal to it
-        the lowest slots fill the rest. The Selection's tensors keep the leading axes."""
+        the lowest slots fill the rest. The Selection's tensors keep the leading axes. Float64
+        scores on the CPU go through `native.select_top` where it is built: the same
+        selection in one pass instead of a dozen ops."""
         lead = scores.shape[:-1]  # (..., B, Hsel)
+        entry = self.entry.expand(*lead, -1)
+        if self.max_global:  # the compiled pass, where built: the same slots, one op
+            indices = native.select_top(scores, self.local, self.candidates, self.num_global,
+                                        self.width)
+            if indices is not None:
+                return Selection(indices=indices, mask=entry)
         selected = self.local.expand(*lead, -1)
         if self.max_global:
             keyed = scores.masked_fill(~self.candidates, -math.inf)  # (..., B, Hsel, S)
@@ -126,8 +136,7 @@ class StepBudget:
             tied = keyed == cut
             missing = self.num_global - above.sum(dim=-1, keepdim=True)  # (..., B, Hsel, 1)
             selected = selected | above | (tied & (tied.cumsum(dim=-1) <= missing))
-        return Selection(indices=compact(selected, self.width, scores.shape[-1]),
-                         mask=self.entry.expand(*lead, -1))
+        return Selection(indices=compact(selected, self.width, scores.shape[-1]), mask=entry)
 
 
 def compact(mask: Tensor, width: int, num_slots: int) -> Tensor:
