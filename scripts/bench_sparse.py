@@ -5,8 +5,9 @@
 One prefill (SWA's, which also seeds its scores; the KV is the same as dense's) fills a cache;
 each repeat then decodes ``gen_len - 1`` greedy steps from a copy of it, dense and SWA
 alternating so that load drift hits both alike. Decode throughput = batch x (gen_len - 1) /
-decode time (FlexGen's definition). One untimed pass per method counts the K/V rows that
-``gather_kv`` reads, to show SWA reads only its selection.
+decode time (FlexGen's definition). One untimed pass per method counts the K/V rows SWA's
+attention reads (its selection, attended where it lies in the cache, or gathered where the
+compiled kernel is not built), to show it reads only its selection.
 
 Caveat: on a 135M model at batch 16 on a CPU a decode step is dominated by the weight GEMMs
 (about 135M multiply-adds per row), not attention, so attention sparsity changes little here.
@@ -33,11 +34,11 @@ from flexalisa.models import load_model
 
 
 class CountingMethod:
-    """Delegates to ``inner``; counts the K/V rows each selection makes ``gather_kv`` read."""
+    """Delegates to ``inner``; counts the K/V rows each selection makes the attention read."""
 
     def __init__(self, inner: SparsityMethod) -> None:
         self.inner = inner
-        self.rows_read = 0  # B x K_width per layer-step: rows gathered per KV head
+        self.rows_read = 0  # B x K_width per layer-step: rows read per KV head
         self.rows_selected = 0  # real (non-padding) selected entries, per KV head
         self.rows_cached = 0  # valid cached tokens: what dense attention reads
 
