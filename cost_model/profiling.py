@@ -216,7 +216,8 @@ def _selection_costs(torch: Any, timer: _Timer, device: str, dtype: Any
 
     Times the runtime's own sparse path (``flexalisa.attention``: SWA at sparsity 0.8, 8 layers
     of 2 KV heads and 8 query heads of 64 channels) as a decode step runs it for each layer:
-    ``select``, gather the selected K, V rows, attention with its weights, ``observe``. From
+    ``select``, attention over the selected K, V rows with its weights (``selected_attention``:
+    read in place by the compiled kernel on a CPU, gathered first elsewhere), ``observe``. From
     that it takes off fused dense attention over as many contiguous tokens, which the cost
     model prices already (by the bytes read), and draws a line through the two
     ``SELECTION_POINTS``: the scores a selection picks from are O(context), the calls' own
@@ -224,12 +225,7 @@ def _selection_costs(torch: Any, timer: _Timer, device: str, dtype: Any
     cost model.
     """
     try:
-        from flexalisa.attention import (
-            attention_with_probs,
-            dense_attention,
-            gather_kv,
-            make_method,
-        )
+        from flexalisa.attention import dense_attention, make_method, selected_attention
     except ImportError:
         return {}
     layers, kv_heads, heads, head_dim = 8, 2, 8, 64
@@ -252,8 +248,7 @@ def _selection_costs(torch: Any, timer: _Timer, device: str, dtype: Any
                    keys: Any = keys, values: Any = values) -> None:
             for j in range(layers):  # the same step again: the window stays full
                 sel = method.select(state, j, valid)
-                k_sel, v_sel = gather_kv(keys[j], values[j], sel.indices)
-                _, probs = attention_with_probs(q, k_sel, v_sel, sel.attention_mask)
+                _, _, probs = selected_attention(q, keys[j], values[j], sel.indices, sel.mask)
                 method.observe(state, j, probs, sel)
 
         def dense(q: Any = q, keys: Any = keys, values: Any = values, width: int = width,
