@@ -1,4 +1,5 @@
-"""A compiled one-query attention kernel for fp32 on the CPU (`csrc/decode_attention.c`).
+"""Compiled CPU kernels for the decode step: one-query attention for fp32
+(`csrc/decode_attention.c`) and SWA's selection bookkeeping (`csrc/swa_select.c`).
 
 torch's fused SDPA spent most of a decode step's attention on per-(row, head) overhead: at
 SmolLM2's shapes (batch 32, 3 KV heads of 3 query heads each, 64 dims, ~160 slots) its 30 calls
@@ -6,15 +7,21 @@ took ~30 ms a step on the AMD EPYC box, where this kernel takes ~10 (docs/perfor
 It reads each key and value row once for the query heads that share it, keeps a unit's queries
 and accumulators in vector registers, and splits the (row, KV head) units over torch's own
 OpenMP threads. Besides the output it can return the log-sum-exp (to merge partial attentions)
-and the softmax weights (which sparsity methods score tokens by).
+and the softmax weights (which sparsity methods score tokens by). Given an index array it
+attends the rows it names where they lie (a sparse selection, without gathering a copy).
 
-The kernel is compiled once per machine with the system C compiler (`$CC`, else `cc`) at
+SWA's per-step selection (`select_top`) and score bookkeeping (`window_push`, `window_drop`)
+each replace a dozen small torch ops per layer with one pass, with the same results bit for
+bit; at SmolLM2's shapes those ops cost about what attending 80% fewer tokens saves.
+
+The library is compiled once per machine with the system C compiler (`$CC`, else `cc`) at
 `-O3 -march=native`, into `$XDG_CACHE_HOME/flexalisa` (else `~/.cache/flexalisa`), named by a
-hash of the source, the compiler's version and the CPU's flags. Where there is no compiler, the
-build fails, or `FLEXALISA_NATIVE=0` is set (read once per process; a value other than 0 or 1
-also turns it off, with that reason), `decode_attention` returns None and its callers in
-`flexalisa.attention.kernel` compute the same attention with torch's ops (SDPA, or matmuls and
-a softmax), with other last bits. `status()` says which, and why.
+hash of the sources, the compiler's version and the CPU's flags. Where there is no compiler,
+the build fails, or `FLEXALISA_NATIVE=0` is set (read once per process; a value other than 0 or
+1 also turns it off, with that reason), every function here declines (None or False) and its
+callers compute the same thing with torch's ops (attention through SDPA, or matmuls and a
+softmax, with other last bits; the selection and bookkeeping with the same values).
+`status()` says which, and why.
 """
 
 from __future__ import annotations
@@ -229,7 +236,8 @@ def select_top(scores: Tensor, local: Tensor, candidates: Tensor, num_global: Te
     candidates (ties: the lower slot) ascending, then S - 1."""
     lead, num_slots = scores.shape[:-1], scores.shape[-1]
     row_stride = _row_stride(scores)
-    if not (scores.device.type == "cpu" and scores.dtype == torch.float64 and scores.dim() >= 3
+    if not (_on_cpu(scores, local, candidates, num_global) and scores.dtype == torch.float64
+            and scores.dim() >= 3
             and row_stride is not None and num_slots > 0
             and local.shape == candidates.shape == (scores.shape[-3], 1, num_slots)
             and local.dtype == candidates.dtype == torch.bool):
@@ -260,7 +268,8 @@ def window_push(weights: Tensor, indices: Tensor, entry: Tensor, ring_slots: Ten
     kernel does not apply."""
     batch, num_groups, num_entries = weights.shape
     width = ring_slots.shape[2]
-    if not (weights.device.type == "cpu" and weights.dtype == torch.float32
+    if not (_on_cpu(weights, indices, entry, ring_slots, ring_weights, totals, live)
+            and weights.dtype == torch.float32
             and weights.is_contiguous() and num_entries <= width
             and _fits_heads(indices, torch.int64, batch, num_groups)
             and _fits_heads(entry, torch.bool, batch, num_groups)
@@ -295,7 +304,7 @@ def window_drop(ring_slots: Tensor, ring_weights: Tensor, totals: Tensor, live: 
     the torch path's sums. False (nothing done) where the kernel does not apply."""
     lead = ring_slots.shape[:-4]
     batch, _, num_groups, width = ring_slots.shape[-4:]
-    if not (ring_slots.device.type == "cpu" and len(lead) <= 1
+    if not (_on_cpu(ring_slots, ring_weights, totals, live) and len(lead) <= 1
             and ring_slots.dtype == torch.int64 and ring_weights.dtype == torch.float32
             and totals.dtype == torch.float64 and live.dtype == torch.int32
             and ring_weights.shape == ring_slots.shape and totals.shape == live.shape
@@ -318,6 +327,10 @@ def window_drop(ring_slots: Tensor, ring_weights: Tensor, totals: Tensor, live: 
     if rc != 0:
         raise IndexError(f"window_drop: a stored slot outside [0, {totals.shape[-1] - 1}]")
     return True
+
+
+def _on_cpu(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _row_stride(t: Tensor) -> int | None:
