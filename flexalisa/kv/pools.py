@@ -72,12 +72,17 @@ class KVRing:
             return 0
         if num_new > self.capacity:
             raise ValueError(f"{num_new} slots do not fit a ring of {self.capacity}")
-        ring_idx = torch.arange(first_slot, first_slot + num_new) % self.capacity
+        first = first_slot % self.capacity
+        wraps = first + num_new > self.capacity  # else one slice of the ring: a plain copy
+        ring_idx = torch.arange(first_slot, first_slot + num_new) % self.capacity if wraps else None
         moved = 0
         for parts, x in ((self.k_parts, k), (self.v_parts, v)):
             for buf, part in zip(parts, self.encode(x), strict=True):
                 moved += part.numel() * part.element_size()
-                buf.index_copy_(2, ring_idx.to(buf.device), part.to(buf.device, buf.dtype))
+                if ring_idx is None:
+                    buf[:, :, first:first + num_new].copy_(part)
+                else:
+                    buf.index_copy_(2, ring_idx.to(buf.device), part.to(buf.device, buf.dtype))
         return moved
 
     def read_range(self, start: int, end: int) -> tuple[list[Tensor], list[Tensor]]:
