@@ -147,8 +147,12 @@ def breakdown_by_op(extras: dict) -> dict[str, float]:
     """Seconds per op kind that add up to the run's wall time (the phases' sum): the runner's
     timed sections (``op_s``); ``copies (inline)``, the copy jobs' time where they ran on the
     compute thread (no section times them; with copy threads or CUDA streams they overlap, and
-    only ``transfer_wait`` is compute's); and ``other``, the rest (the loop's own work)."""
+    only ``transfer_wait`` is compute's); and ``other``, the rest (the loop's own work). The
+    runner's ``kv_gather`` sections contain its ``recompute`` ones (``runtime/timing.py``), so
+    here ``kv_gather`` is the gather less the recompute: every part counted once."""
     by_op = dict(extras.get("op_s", {}))
+    if "kv_gather" in by_op and "recompute" in by_op:
+        by_op["kv_gather"] = max(0.0, by_op["kv_gather"] - by_op["recompute"])
     if extras.get("copy_mode") == "inline":
         by_op["copies (inline)"] = extras.get("transfer_busy_s", 0.0)
     wall = sum(extras.get("phase_s", {}).values())

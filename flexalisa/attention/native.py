@@ -90,7 +90,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     num_slots = num_rows if indices is None else indices.shape[-1]
     if mask is not None and mask.dim() == 2:
         mask = mask[:, None]  # (B, 1, S): shared by the heads
-    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+    if not (_on_cpu(q, k, v, *(t for t in (mask, indices) if t is not None))
+            and q.dtype == k.dtype == v.dtype == torch.float32
             and head_dim in HEAD_DIMS and 1 <= group <= MAX_GROUP and num_slots > 0
             and k.shape == v.shape == (batch, num_kv_heads, num_rows, head_dim)
             and k.stride(3) == 1 and v.stride(3) == 1

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from flexalisa.cli import main
+from flexalisa.report import breakdown_by_op
 
 REPORT = {
     "model": "tiny", "stats": {"total_tok_s": 12.5, "num_prompts": 4},
@@ -73,3 +74,15 @@ def test_merged_extras_add_counts_keep_peaks_and_weight_the_hidden_share():
                                             "transfer_hidden_share": 0.0}),
                         {**second, "transfer_busy_s": 0.0, "transfer_hidden_share": 0.0})
     assert idle["transfer_hidden_share"] == 0.0
+
+
+def test_the_breakdown_counts_recompute_once() -> None:
+    """The runner's kv_gather sections contain its recompute sections: the breakdown takes the
+    recompute out of kv_gather, so its parts add up to the wall time even when the loop's own
+    work ("other") is shorter than the recompute."""
+    extras = {"op_s": {"linear": 6.0, "kv_gather": 3.0, "recompute": 2.0, "attention": 0.0},
+              "phase_s": {"prefill": 1.5, "phase2": 8.0}}
+    by_op = breakdown_by_op(extras)
+    assert by_op["kv_gather"] == 1.0 and by_op["recompute"] == 2.0
+    assert by_op["other"] == pytest.approx(0.5)
+    assert sum(by_op.values()) == pytest.approx(9.5)
