@@ -136,3 +136,25 @@ def test_the_torch_trim_also_returns_expired_slots_to_exact_zero() -> None:
     runs it with torch's ops."""
     with torch_only():
         score_tests.test_expired_slots_return_to_exact_zero()
+
+
+@pytest.mark.parametrize("num_slots", [700, 1500, 5000])
+@pytest.mark.parametrize("levels", [0, 3, 50])
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_select_top_on_long_rows_equals_the_torch_path(num_slots: int, levels: int,
+                                                       sparsity: float) -> None:
+    """Rows of more than 600 candidates take the select's sampling step (the hypothesis test
+    above stays below it): random scores (levels 0), or few distinct values, so that the cut
+    falls inside a long run of ties."""
+    gen = torch.Generator().manual_seed(num_slots + levels)
+    shape = (2, 3, 1, num_slots)  # layers, batch, heads, slots
+    scores = (torch.rand(*shape, generator=gen, dtype=torch.float64) if not levels else
+              torch.randint(0, levels, shape, generator=gen).double())
+    valid = torch.ones(3, num_slots, dtype=torch.bool)
+    valid[1, :num_slots // 3] = False  # left padding on one row
+    method = make_method("swa", sparsity)
+    budget = method.init_state(3, 1, 1, num_slots).step_budget(valid, method.ratio)
+    got = budget.select_top(scores)
+    with torch_only():
+        want = budget.select_top(scores)
+    assert torch.equal(got.indices, want.indices)

@@ -4,7 +4,7 @@
  * tokens, then adds the step's attention over its selection to the windowed scores. In torch
  * that is a dozen small ops per layer (top-k, compares, cumulative sums, scatters), each paying
  * its dispatch overhead; at SmolLM2's shapes they cost about what attending 80% fewer tokens
- * saves. These two functions do the same work in one pass each, with the same results:
+ * saves. These functions do the same work in one pass each, with the same results:
  *
  *   flexalisa_select_top   StepBudget.select_top + compact: per row of scores, the local
  *                          slots plus the num_global highest-scoring candidates (ties: the
