@@ -261,12 +261,14 @@ def select_top(scores: Tensor, local: Tensor, candidates: Tensor, num_global: Te
 
 def window_push(weights: Tensor, indices: Tensor, entry: Tensor, ring_slots: Tensor,
                 ring_weights: Tensor, totals: Tensor, live: Tensor) -> bool:
-    """``WindowScores.push`` of one decode row in one pass, for a record of one layer:
+    """``WindowScores.push`` of one row in one pass, for a record of one layer:
     weights (B, Hsel, K) float32, the step's attention summed over each group's query heads;
     indices (B, Hsel|1, K) long and entry (B, Hsel|1, K) bool, the selection; ring_slots,
     ring_weights (B, Hsel, Kr) the ring row to fill; totals (B, Hsel, L + 1) float64 and live
     int32, the window's sums, added to as the torch path adds. False (nothing done) where the
     kernel does not apply."""
+    if weights.dim() != 3 or ring_slots.dim() != 3:  # one layer's row only
+        return False
     batch, num_groups, num_entries = weights.shape
     width = ring_slots.shape[2]
     if not (_on_cpu(weights, indices, entry, ring_slots, ring_weights, totals, live)

@@ -110,16 +110,11 @@ class _ScoredMethod(SparsityMethod):
             raise ValueError(
                 f"probs must be (B, Hq, 1, K={sel.indices.shape[-1]}), got {tuple(probs.shape)}"
             )
-        self._observe_row(record, probs, sel, state.num_groups)
-        state.fresh.add(layer_idx)
-
-    def _observe_row(self, record: ScoreRecord, probs: Tensor, sel: Selection,
-                     num_groups: int) -> None:
-        """Record one decode row from the step's weights probs (B, Hq, 1, K)."""
-        weights = head_sum(probs.float(), num_groups)[:, :, 0]  # (B, Hsel, K)
-        slots = sel.indices.expand(-1, num_groups, -1)  # (B, Hsel, K)
-        entry = sel.mask.expand(-1, num_groups, -1)
+        weights = head_sum(probs.float(), state.num_groups)[:, :, 0]  # (B, Hsel, K)
+        slots = sel.indices.expand(-1, state.num_groups, -1)  # (B, Hsel, K)
+        entry = sel.mask.expand(-1, state.num_groups, -1)
         self._record(record, slots, weights, entry)
+        state.fresh.add(layer_idx)
 
     def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
         """Add one decode row, slots/weights/entry (B, Hsel, K)."""
@@ -242,7 +237,3 @@ class SWA(_ScoredMethod):
 
     def _record(self, record: ScoreRecord, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
         record.push(slots, weights, entry)
-
-    def _observe_row(self, record: ScoreRecord, probs: Tensor, sel: Selection,
-                     num_groups: int) -> None:
-        record.push_attention(probs, sel.indices, sel.mask, num_groups)

@@ -127,7 +127,9 @@ class WindowScores:
 
     def push(self, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
         """Add one row: slots, weights, entry (..., B, Hsel, K<=Kr), one per layer of the
-        record; entry False = padding."""
+        record; entry False = padding. A decode row of a one-layer record on the CPU goes
+        through `native.window_push` where it is built (float32 weights, contiguous), with
+        the same ring row and sums as the torch ops."""
         if self.max_window_rows >= self.capacity:
             raise ValueError(f"ring of {self.capacity} rows is full: call trim (select) first")
         width = self.ring_slots.shape[-1]
@@ -136,32 +138,17 @@ class WindowScores:
         ring_idx = self.num_rows % self.capacity
         row_slots = self.ring_slots.select(-3, ring_idx)  # (..., B, Hsel, Kr) view
         row_weights = self.ring_weights.select(-3, ring_idx)
-        row_slots.fill_(self.max_len)
-        row_weights.zero_()
-        row_slots[..., : slots.shape[-1]] = torch.where(entry, slots, self.max_len)
-        row_weights[..., : slots.shape[-1]] = torch.where(entry, weights.float(), 0.0)
-        self.totals.scatter_add_(-1, row_slots, row_weights.double())
-        self.live.scatter_add_(-1, row_slots, torch.ones_like(row_slots, dtype=torch.int32))
+        if not native.window_push(weights, slots, entry, row_slots, row_weights, self.totals,
+                                  self.live):  # the same ring row and sums, one pass
+            row_slots.fill_(self.max_len)
+            row_weights.zero_()
+            row_slots[..., : slots.shape[-1]] = torch.where(entry, slots, self.max_len)
+            row_weights[..., : slots.shape[-1]] = torch.where(entry, weights.float(), 0.0)
+            self.totals.scatter_add_(-1, row_slots, row_weights.double())
+            self.live.scatter_add_(-1, row_slots,
+                                   torch.ones_like(row_slots, dtype=torch.int32))
         self.window_rows = [rows + 1 for rows in self.window_rows]
         self.num_rows += 1
-
-    def push_attention(self, probs: Tensor, indices: Tensor, entry: Tensor,
-                       num_groups: int) -> None:
-        """``push`` of a decode step's row from its attention weights probs (B, Hq, 1, K) over
-        the selection indices, entry (B, 1|Hsel, K): each entry's weight is the sum over the
-        query heads of its group (``head_sum``). Into a record of one layer on the CPU, one
-        compiled pass (`native.window_push`) where it is built writes the ring row and adds
-        to the sums, the same values as ``push``; otherwise ``push``."""
-        weights = head_sum(probs.float(), num_groups)[:, :, 0]  # (B, Hsel, K)
-        if self.ring_slots.dim() == 4 and self.max_window_rows < self.capacity:
-            ring_idx = self.num_rows % self.capacity  # one layer: (B, W, Hsel, Kr)
-            if native.window_push(weights, indices, entry, self.ring_slots[:, ring_idx],
-                                  self.ring_weights[:, ring_idx], self.totals, self.live):
-                self.window_rows = [rows + 1 for rows in self.window_rows]
-                self.num_rows += 1
-                return
-        self.push(indices.expand(-1, num_groups, -1), weights,
-                  entry.expand(-1, num_groups, -1))  # also refuses a full ring
 
     def push_rows(self, slots: Tensor, weights: Tensor, entry: Tensor) -> None:
         """``push`` of n rows at once, slots, weights, entry (B, Hsel, n, K<=Kr), oldest first,
@@ -198,32 +185,28 @@ class WindowScores:
         target = target.tolist() if isinstance(target, Tensor) else target
         leaving = [max(rows - keep, 0) for rows, keep in zip(self.window_rows, target,
                                                              strict=True)]
-        if any(leaving) and self._drop_native(leaving):
-            return
+        zeroed = True
         for round_idx in range(max(leaving, default=0)):
-            self._drop_oldest([count > round_idx for count in leaving])
-        if any(leaving):  # only a subtraction leaves residue; adds land on live slots
-            self.totals.masked_fill_(self.live == 0, 0.0)
+            zeroed &= self._drop_oldest([count > round_idx for count in leaving])
+        if any(leaving) and not zeroed:  # only a subtraction leaves residue; adds land on
+            self.totals.masked_fill_(self.live == 0, 0.0)  # live slots
 
-    def _drop_native(self, leaving: list[int]) -> bool:
-        """``trim``'s rounds through `native.window_drop` (the same sums, the zeroing per slot
-        as its count reaches 0); False, with nothing done, where it does not apply."""
-        for round_idx in range(max(leaving)):
-            rows = [count > round_idx for count in leaving]
-            ring = [(self.num_rows - count) % self.capacity if row else -1
-                    for count, row in zip(self.window_rows, rows, strict=True)]
-            if not native.window_drop(self.ring_slots, self.ring_weights, self.totals,
-                                      self.live, ring):
-                if round_idx:  # not reached: the same tensors apply in every round
-                    raise RuntimeError("window_drop applied to one round and not the next")
-                return False
-            self.window_rows = [count - row for count, row in zip(self.window_rows, rows,
-                                                                  strict=True)]
-        return True
-
-    def _drop_oldest(self, rows: list[bool]) -> None:
-        """Subtract each flagged sequence's oldest in-window row from ``totals`` and ``live``."""
+    def _drop_oldest(self, rows: list[bool]) -> bool:
+        """Subtract each flagged sequence's oldest in-window row from ``totals`` and ``live``.
+        True where `native.window_drop` did it, which also sets the totals of slots left with
+        no live entry to 0 (the torch ops leave that to ``trim``)."""
         ring = [(self.num_rows - count) % self.capacity for count in self.window_rows]
+        zeroed = native.window_drop(self.ring_slots, self.ring_weights, self.totals, self.live,
+                                    [r if row else -1 for r, row in zip(ring, rows,
+                                                                        strict=True)])
+        if not zeroed:
+            self._subtract_rows(ring, rows)
+        self.window_rows = [count - flag for count, flag in zip(self.window_rows, rows,
+                                                                strict=True)]
+        return zeroed
+
+    def _subtract_rows(self, ring: list[int], rows: list[bool]) -> None:
+        """``_drop_oldest`` with torch's ops: ring row ``ring[b]`` of each flagged sequence."""
         if all(rows) and len(set(ring)) == 1:  # every sequence, one ring row: read views
             slots = self.ring_slots.select(-3, ring[0])  # (..., B, Hsel, Kr)
             weights = self.ring_weights.select(-3, ring[0])
@@ -238,8 +221,6 @@ class WindowScores:
             counts = flags.int().expand_as(slots)
         self.totals.scatter_add_(-1, slots, -weights.double())
         self.live.scatter_add_(-1, slots, -counts)
-        self.window_rows = [count - flag for count, flag in zip(self.window_rows, rows,
-                                                                strict=True)]
 
     def scores(self, num_slots: int) -> Tensor:
         """(..., B, Hsel, S) float64 window sums of the first S slots."""
